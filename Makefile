@@ -1,0 +1,39 @@
+# The two set-up commands of the README: `make demo` (install + main job) and `make test` (install + all tests).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+DEMO := runs/demo
+
+.PHONY: install demo test check-sync readme
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/fundus-lab synth --task dr --n 400 --size 256 --seed 0 --out $(DEMO)/train_data
+	$(BIN)/fundus-lab synth --task dr --n 200 --size 256 --seed 1 --out $(DEMO)/test_data
+	$(BIN)/fundus-lab train --labels-csv $(DEMO)/train_data/labels.csv --img-dir $(DEMO)/train_data/images \
+		--save-dir $(DEMO)/model --image-size 192 --batch-size 32 --epochs 8 --random-seed 42
+	$(BIN)/fundus-lab evaluate --labels-csv $(DEMO)/test_data/labels.csv --img-dir $(DEMO)/test_data/images \
+		--model-path $(DEMO)/model/best_model.pth --output-dir $(DEMO)/evaluation
+	@echo "Results: model and training history in $(DEMO)/model, held-out metrics in $(DEMO)/evaluation/metrics.json"
+
+test: install
+	cd nbs && ../$(BIN)/nbdev-test --timing
+	$(BIN)/pytest tests
+
+check-sync: install
+	@before="$$(git status --porcelain)"; \
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(MAKE) --no-print-directory readme; \
+	after="$$(git status --porcelain)"; \
+	if [ "$$before" != "$$after" ]; then \
+		echo "nbdev-export / nbdev-clean / README changed files: run them and commit the result."; \
+		git status --porcelain; git --no-pager diff --stat; exit 1; fi
+
+readme:
+	$(BIN)/jupyter nbconvert --to markdown --log-level WARN --stdout nbs/index.ipynb > README.md
