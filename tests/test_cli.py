@@ -1,0 +1,95 @@
+"The `fundus-lab` program: help texts, version, and a whole synth -> train -> evaluate run through the console script."
+import json, math, os, subprocess, sys
+
+import pytest
+
+import fundus_lab
+from fundus_lab.cli import COMMANDS, main
+
+COMMAND_OPTIONS = {
+    "synth": ["--task", "--n", "--size", "--seed", "--out"],
+    "train": ["--labels-csv", "--img-dir", "--format", "--task", "--save-dir", "--model-name", "--num-classes",
+              "--image-size", "--batch-size", "--epochs", "--lr", "--val-split", "--random-seed", "--num-workers",
+              "--pretrained", "--no-pretrained", "--device"],
+    "evaluate": ["--labels-csv", "--img-dir", "--format", "--model-path", "--output-dir", "--batch-size",
+                 "--num-workers", "--device"],
+}
+
+
+def test_help_lists_every_command(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fundus-lab")
+    for name, c in COMMANDS.items():
+        assert name in result.stdout and c.summary in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_OPTIONS))
+def test_command_help(run_cli, name):
+    result = run_cli(name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: fundus-lab {name}")
+    assert f"example:\n  fundus-lab {name} " in result.stdout
+    for option in COMMAND_OPTIONS[name]: assert option in result.stdout, f"{name} --help lacks {option}"
+
+
+def test_every_registered_command_has_help(capsys):
+    for name, c in COMMANDS.items():
+        assert c.summary and c.description, name
+        assert main([name, "--help"]) == 0
+        assert capsys.readouterr().out.startswith(f"usage: fundus-lab {name}")
+
+
+def test_version(run_cli):
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout) == (0, f"fundus-lab {fundus_lab.__version__}\n")
+
+
+def test_no_command_prints_help_and_fails(run_cli):
+    result = run_cli()
+    assert result.returncode == 2
+    assert "usage: fundus-lab" in result.stderr and "train" in result.stderr
+
+
+def test_python_dash_m_runs_the_same_program():
+    result = subprocess.run([sys.executable, "-m", "fundus_lab.cli", "--version"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout == f"fundus-lab {fundus_lab.__version__}\n"
+
+
+def test_help_does_not_load_torch():
+    code = "import sys; from fundus_lab.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_synth_train_evaluate(run_cli, tiny_model, tmp_path):
+    for name, n, seed in [("train_data", 20, 0), ("test_data", 10, 1)]:
+        result = run_cli("synth", "--task", "dr", "--n", n, "--size", 96, "--seed", seed, "--out", tmp_path/name)
+        assert result.returncode == 0, result.stderr
+        assert str(tmp_path/name/"labels.csv") in result.stdout
+        assert len(list((tmp_path/name/"images").iterdir())) == n
+
+    model_dir = tmp_path/"model"
+    result = run_cli("train", "--labels-csv", tmp_path/"train_data/labels.csv", "--img-dir", tmp_path/"train_data",
+                        "--save-dir", model_dir, *tiny_model)
+    assert result.returncode == 0, result.stderr
+    assert (model_dir/"best_model.pth").is_file()
+    assert f"Results in {model_dir}" in result.stdout and str(model_dir/"best_model.pth") in result.stdout
+    history = json.loads((model_dir/"training_history.json").read_text())
+    assert [record["epoch"] for record in history] == [1]
+    assert {"train_loss", "valid_loss", "accuracy", "qwk", "macro_f1"} <= set(history[0])
+
+    eval_dir = tmp_path/"evaluation"
+    result = run_cli("evaluate", "--labels-csv", tmp_path/"test_data/labels.csv", "--img-dir", tmp_path/"test_data",
+                        "--model-path", model_dir/"best_model.pth", "--output-dir", eval_dir, "--batch-size", 8)
+    assert result.returncode == 0, result.stderr
+    assert (eval_dir/"confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((eval_dir/"metrics.json").read_text())
+    assert {"accuracy", "qwk", "macro_f1", "auc_macro"} <= set(metrics)
+    for key, (low, high) in {"accuracy": (0, 1), "qwk": (-1, 1), "macro_f1": (0, 1), "auc_macro": (0, 1)}.items():
+        assert isinstance(metrics[key], float) and not math.isnan(metrics[key]), (key, metrics[key])
+        assert low <= metrics[key] <= high, (key, metrics[key])
+        assert f"{metrics[key]:.4f}" in result.stdout
+    assert metrics["n"] == 10 and sum(map(sum, metrics["confusion_matrix"])) == 10
+    assert f"Results in {eval_dir}" in result.stdout
