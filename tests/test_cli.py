@@ -10,7 +10,7 @@ COMMAND_OPTIONS = {
     "synth": ["--task", "--n", "--size", "--seed", "--out"],
     "train": ["--labels-csv", "--img-dir", "--format", "--task", "--save-dir", "--model-name", "--num-classes",
               "--image-size", "--batch-size", "--epochs", "--lr", "--val-split", "--random-seed", "--num-workers",
-              "--pretrained", "--no-pretrained", "--device"],
+              "--pretrained", "--no-pretrained", "--device", "--loss", "--focal-gamma", "multitask"],
     "evaluate": ["--labels-csv", "--img-dir", "--format", "--model-path", "--output-dir", "--batch-size",
                  "--num-workers", "--device"],
 }
@@ -93,3 +93,44 @@ def test_synth_train_evaluate(run_cli, tiny_model, tmp_path):
         assert f"{metrics[key]:.4f}" in result.stdout
     assert metrics["n"] == 10 and sum(map(sum, metrics["confusion_matrix"])) == 10
     assert f"Results in {eval_dir}" in result.stdout
+
+
+def test_train_with_focal_loss(dr_dataset, tiny_model, tmp_path, capsys):
+    assert main(["train", "--labels-csv", str(dr_dataset/"labels.csv"), "--save-dir", str(tmp_path/"focal"),
+                 "--loss", "focal", "--focal-gamma", "1.5", *tiny_model]) == 0
+    assert "loss focal" in capsys.readouterr().out
+    config = json.loads((tmp_path/"focal/config.json").read_text())
+    assert (config["loss"], config["focal_gamma"]) == ("focal", 1.5)
+    assert sum(config["train_class_counts"]["dr"]) == config["n_train"]
+    history = json.loads((tmp_path/"focal/training_history.json").read_text())
+    assert len(history) == 1 and math.isfinite(history[0]["valid_loss"])
+
+
+def test_multitask_train_evaluate(tiny_model, tmp_path, capsys):
+    from fundus_lab.multitask import MultiTaskClassifier, load_any_model
+    for name, n, seed in [("train_data", 20, 0), ("test_data", 10, 1)]:
+        assert main(["synth", "--task", "multitask", "--n", str(n), "--size", "96", "--seed", str(seed),
+                     "--out", str(tmp_path/name)]) == 0
+    model_dir = tmp_path/"model"
+    assert main(["train", "--task", "multitask", "--loss", "weighted_ce", "--labels-csv", str(tmp_path/"train_data/labels.csv"),
+                 "--save-dir", str(model_dir), *tiny_model]) == 0
+    assert sorted(p.name for p in model_dir.iterdir()) == ["best_model.pth", "config.json", "training_history.json"]
+    history = json.loads((model_dir/"training_history.json").read_text())
+    assert {"dr_qwk", "dme_accuracy", "joint_accuracy", "score", "weight_dr", "weight_dme"} <= set(history[0])
+    assert history[0]["log_var_dr"] != 0 and history[0]["log_var_dme"] != 0
+    model, config = load_any_model(model_dir/"best_model.pth")
+    assert isinstance(model, MultiTaskClassifier) and config["num_classes"] == {"dr": 5, "dme": 3}
+    capsys.readouterr()
+
+    eval_dir = tmp_path/"evaluation"
+    assert main(["evaluate", "--labels-csv", str(tmp_path/"test_data/labels.csv"), "--model-path", str(model_dir/"best_model.pth"),
+                 "--output-dir", str(eval_dir), "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((eval_dir/"metrics.json").read_text())
+    assert sorted(p.name for p in eval_dir.iterdir()) == ["confusion_matrix_dme.png", "confusion_matrix_dr.png", "metrics.json"]
+    assert metrics["n"] == 10 and 0 <= metrics["joint_accuracy"] <= 1
+    for task, k in {"dr": 5, "dme": 3}.items():
+        task_metrics = metrics["tasks"][task]
+        assert len(task_metrics["confusion_matrix"]) == k and sum(map(sum, task_metrics["confusion_matrix"])) == 10
+        assert task_metrics["accuracy"] >= metrics["joint_accuracy"]
+    assert "== DR ==" in out and "== DME ==" in out and f"{metrics['joint_accuracy']:.4f}" in out
