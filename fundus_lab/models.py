@@ -18,7 +18,7 @@ from .core import get_device, torch_save_atomic
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'FORMAT_VERSION', 'CONFIG_KEYS', 'convert_efficientnet_lite', 'lite0_imagenet_weights',
-           'create_backbone', 'DRClassifier', 'check_config', 'save_model', 'load_model']
+           'create_backbone', 'BackboneModel', 'DRClassifier', 'check_config', 'save_model', 'load_model']
 
 # %% ../nbs/05_models.ipynb #eb09e9a8
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -107,7 +107,37 @@ def create_backbone(model_name:str=DEFAULT_MODEL, # a timm model name, e.g. 'tf_
             "with fundus-lab.") from e
 
 # %% ../nbs/05_models.ipynb #9552811a
-class DRClassifier(nn.Module):
+class BackboneModel(nn.Module):
+    "Base for models made of a timm `backbone` and heads: freezing, training mode and parameter counts."
+    backbone_frozen = False
+
+    def freeze_backbone(self) -> BackboneModel:
+        "Stop training the backbone: no gradients, and batch-norm statistics fixed (eval mode)."
+        self.backbone.requires_grad_(False)
+        self.backbone_frozen = True
+        self.backbone.eval()
+        return self
+
+    def unfreeze_backbone(self) -> BackboneModel:
+        "Train the backbone again, in the same mode as the rest of the model."
+        self.backbone.requires_grad_(True)
+        self.backbone_frozen = False
+        self.backbone.train(self.training)
+        return self
+
+    def train(self, mode:bool=True) -> BackboneModel:
+        "Set training mode; a frozen backbone stays in eval mode."
+        super().train(mode)
+        if self.backbone_frozen: self.backbone.eval()
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        "Numbers of parameters: all of them and those that will be trained."
+        return {"total": sum(p.numel() for p in self.parameters()),
+                "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+
+# %% ../nbs/05_models.ipynb #a8513dbc
+class DRClassifier(BackboneModel):
     "A timm backbone with a dropout + linear head producing one logit per class."
     def __init__(self,
                  model_name:str=DEFAULT_MODEL, # timm model name of the backbone
@@ -129,31 +159,6 @@ class DRClassifier(nn.Module):
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         "Logits, batch x num_classes, for a normalised batch x 3 x H x W."
         return self.head(self.backbone(x))
-
-    def freeze_backbone(self) -> DRClassifier:
-        "Stop training the backbone: no gradients, and batch-norm statistics fixed (eval mode)."
-        self.backbone.requires_grad_(False)
-        self.backbone_frozen = True
-        self.backbone.eval()
-        return self
-
-    def unfreeze_backbone(self) -> DRClassifier:
-        "Train the backbone again, in the same mode as the rest of the model."
-        self.backbone.requires_grad_(True)
-        self.backbone_frozen = False
-        self.backbone.train(self.training)
-        return self
-
-    def train(self, mode:bool=True) -> DRClassifier:
-        "Set training mode; a frozen backbone stays in eval mode."
-        super().train(mode)
-        if self.backbone_frozen: self.backbone.eval()
-        return self
-
-    def parameter_counts(self) -> dict[str, int]:
-        "Numbers of parameters: all of them and those that will be trained."
-        return {"total": sum(p.numel() for p in self.parameters()),
-                "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
 # %% ../nbs/05_models.ipynb #7822283f
 FORMAT_VERSION = 1

@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in 
 from .core import get_device, torch_save_atomic
 from .data import DME_GRADES, DR_GRADES
 from .metrics import classification_metrics
-from .models import DEFAULT_MODEL, FORMAT_VERSION, check_config, create_backbone, load_model, save_model
+from .models import DEFAULT_MODEL, FORMAT_VERSION, BackboneModel, check_config, create_backbone, load_model, save_model
 
 # %% auto #0
 __all__ = ['LOSS_KINDS', 'DEFAULT_TASK_CLASSES', 'TASK_CLASS_NAMES', 'LOG_VAR_LR_MULT', 'SCORE_METRICS',
@@ -90,7 +90,7 @@ class UncertaintyWeightedLoss(nn.Module):
 DEFAULT_TASK_CLASSES = {"dr": len(DR_GRADES), "dme": len(DME_GRADES)}
 TASK_CLASS_NAMES = {"dr": list(DR_GRADES), "dme": list(DME_GRADES)}
 
-class MultiTaskClassifier(nn.Module):
+class MultiTaskClassifier(BackboneModel):
     "A shared timm backbone, one dropout + linear head per task, and the tasks' learned log-variances."
     def __init__(self,
                  model_name:str=DEFAULT_MODEL, # timm model name of the backbone
@@ -126,30 +126,6 @@ class MultiTaskClassifier(nn.Module):
                              f"{self.task_classes}, got {tuple(logits.shape)}.")
         return dict(zip(self.task_classes, torch.split(logits, list(self.task_classes.values()), dim=1)))
 
-    def freeze_backbone(self) -> MultiTaskClassifier:
-        "Stop training the backbone: no gradients, and batch-norm statistics fixed (eval mode)."
-        self.backbone.requires_grad_(False)
-        self.backbone_frozen = True
-        self.backbone.eval()
-        return self
-
-    def unfreeze_backbone(self) -> MultiTaskClassifier:
-        "Train the backbone again, in the same mode as the rest of the model."
-        self.backbone.requires_grad_(True)
-        self.backbone_frozen = False
-        self.backbone.train(self.training)
-        return self
-
-    def train(self, mode:bool=True) -> MultiTaskClassifier:
-        "Set training mode; a frozen backbone stays in eval mode."
-        super().train(mode)
-        if self.backbone_frozen: self.backbone.eval()
-        return self
-
-    def parameter_counts(self) -> dict[str, int]:
-        "Numbers of parameters: all of them and those that will be trained."
-        return {"total": sum(p.numel() for p in self.parameters()),
-                "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
     def history_values(self) -> dict[str, float]:
         "The learned weight c_i exp(-s_i) and log-variance s_i of every task, for a training history."
