@@ -19,7 +19,7 @@ from .augment import valid_transform
 from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, get_device, save_json
 from .metrics import classification_metrics
 from .multitask import load_any_model, multitask_metrics
-from .train import PREPROCESSING, FundusDataset
+from .train import FundusDataset, preprocessing_options
 
 # %% auto #0
 __all__ = ['predict_logits', 'predict_probs', 'predict_task_probs', 'plot_confusion_matrix', 'evaluate_model']
@@ -31,10 +31,12 @@ def predict_logits(model:torch.nn.Module, # a model returning logits, batch x ou
                    batch_size:int=32, # images per batch
                    num_workers:int=0, # DataLoader worker processes
                    device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
+                   medical_preprocess:bool=False, # CLAHE on lightness, as for a model trained with --medical-preprocess
                   ) -> torch.Tensor:
     "The outputs (n_images x n_outputs, float32 on the CPU) of `model` on every image of `df`, in table order."
     torch_device = get_device(device)
-    loader = DataLoader(FundusDataset(df, None, image_size, valid_transform(image_size)), batch_size=batch_size,
+    dataset = FundusDataset(df, None, image_size, valid_transform(image_size), medical_preprocess=medical_preprocess)
+    loader = DataLoader(dataset, batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, pin_memory=torch_device.type == "cuda")
     was_training = model.training
     model.to(torch_device).eval()
@@ -49,9 +51,11 @@ def predict_probs(model:torch.nn.Module, # a classifier returning logits, batch 
                   batch_size:int=32, # images per batch
                   num_workers:int=0, # DataLoader worker processes
                   device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
+                  medical_preprocess:bool=False, # CLAHE on lightness, as for a model trained with --medical-preprocess
                  ) -> np.ndarray:
     "Softmax probabilities (n_images x n_classes) of `model` on every image of `df`, in table order."
-    return predict_logits(model, df, image_size, batch_size, num_workers, device).softmax(dim=1).numpy()
+    logits = predict_logits(model, df, image_size, batch_size, num_workers, device, medical_preprocess)
+    return logits.softmax(dim=1).numpy()
 
 def predict_task_probs(model:torch.nn.Module, # a MultiTaskClassifier (has `split_logits`)
                        df:pd.DataFrame, # canonical table of the images (needs `path`)
@@ -59,9 +63,10 @@ def predict_task_probs(model:torch.nn.Module, # a MultiTaskClassifier (has `spli
                        batch_size:int=32, # images per batch
                        num_workers:int=0, # DataLoader worker processes
                        device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
+                       medical_preprocess:bool=False, # CLAHE on lightness, as for a model trained with --medical-preprocess
                       ) -> dict[str, np.ndarray]:
     "{task: softmax probabilities (n_images x n_classes)} of a multi-task model on every image of `df`."
-    logits = predict_logits(model, df, image_size, batch_size, num_workers, device)
+    logits = predict_logits(model, df, image_size, batch_size, num_workers, device, medical_preprocess)
     return {task: part.softmax(dim=1).numpy() for task, part in model.split_logits(logits).items()}
 
 # %% ../nbs/08_evaluate.ipynb #e6922c56
@@ -86,14 +91,13 @@ def plot_confusion_matrix(matrix, # confusion matrix, rows = true class, columns
     fig.tight_layout()
     return fig
 
-def _check_model_inputs(config:dict, model_path):
-    "Refuse a checkpoint whose normalisation or preprocessing this version does not apply."
+def _model_input_options(config:dict, model_path) -> dict:
+    "The dataset options reproducing a checkpoint's preprocessing; refuse what this version cannot apply."
     if not (np.allclose(config["mean"], IMAGENET_MEAN) and np.allclose(config["std"], IMAGENET_STD)):
         raise ValueError(f"{model_path} was trained with mean {config['mean']} and std {config['std']}; "
                          "this version of fundus_lab evaluates with the ImageNet normalisation only.")
-    if config["preprocessing"] != PREPROCESSING:
-        raise ValueError(f"{model_path} was trained with preprocessing {config['preprocessing']}; "
-                         f"this version of fundus_lab applies {PREPROCESSING} only.")
+    try: return preprocessing_options(config["preprocessing"])
+    except ValueError as e: raise ValueError(f"{model_path}: {e}") from e
 
 def _save_confusion_png(matrix, class_names, title:str, path:Path):
     fig = plot_confusion_matrix(matrix, class_names, title)
@@ -110,11 +114,11 @@ def _checked_labels(df:pd.DataFrame, column:str, num_classes:int, class_names, i
     return labels
 
 def _evaluate_multitask(model, config:dict, model_path, df:pd.DataFrame, output_dir:Path, batch_size:int,
-                        num_workers:int, device:str) -> dict:
+                        num_workers:int, device:str, medical_preprocess:bool) -> dict:
     "Per-task metrics, joint accuracy and one confusion matrix per task for a multi-task model."
     labels = {t: _checked_labels(df, t, k, config["class_names"][t], config["image_size"])
               for t, k in config["num_classes"].items()}
-    probs = predict_task_probs(model, df, config["image_size"], batch_size, num_workers, device)
+    probs = predict_task_probs(model, df, config["image_size"], batch_size, num_workers, device, medical_preprocess)
     metrics = multitask_metrics(labels, probs, config["class_names"])
     metrics.update(model_path=str(model_path), task=config["task"], label_columns=list(config["label_columns"]))
     save_json(_json_ready(metrics), output_dir/"metrics.json")
@@ -137,15 +141,16 @@ def evaluate_model(model_path, # best_model.pth written by training (self-descri
                   ) -> dict:
     "Evaluate a saved model on a labelled table; write metrics.json and confusion matrix image(s) and return the metrics."
     model, config = load_any_model(model_path, device=device)
-    _check_model_inputs(config, model_path)
+    medical_preprocess = _model_input_options(config, model_path)["medical_preprocess"]
     if len(df) == 0: raise ValueError("The table to evaluate is empty.")
     if config["task"] == "multitask":
-        return _evaluate_multitask(model, config, model_path, df, Path(output_dir), batch_size, num_workers, device)
+        return _evaluate_multitask(model, config, model_path, df, Path(output_dir), batch_size, num_workers, device,
+                                   medical_preprocess)
     if len(config["label_columns"]) != 1:
         raise NotImplementedError(f"{model_path} predicts {config['label_columns']}; only single-label models can be evaluated yet.")
     label_col = config["label_columns"][0]
     labels = _checked_labels(df, label_col, config["num_classes"], config["class_names"], config["image_size"])
-    probs = predict_probs(model, df, config["image_size"], batch_size, num_workers, device)
+    probs = predict_probs(model, df, config["image_size"], batch_size, num_workers, device, medical_preprocess)
     metrics = classification_metrics(labels, probs, config["class_names"])
     metrics.update(model_path=str(model_path), task=config["task"], label_column=label_col)
     output_dir = Path(output_dir)

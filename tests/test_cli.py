@@ -10,9 +10,11 @@ COMMAND_OPTIONS = {
     "synth": ["--task", "--n", "--size", "--seed", "--out"],
     "train": ["--labels-csv", "--img-dir", "--format", "--task", "--save-dir", "--model-name", "--num-classes",
               "--image-size", "--batch-size", "--epochs", "--lr", "--val-split", "--random-seed", "--num-workers",
-              "--pretrained", "--no-pretrained", "--device", "--loss", "--focal-gamma", "multitask"],
+              "--pretrained", "--no-pretrained", "--device", "--loss", "--focal-gamma", "multitask",
+              "--advanced-aug", "--no-advanced-aug", "--medical-preprocess", "--no-medical-preprocess", "--cache-dir"],
     "evaluate": ["--labels-csv", "--img-dir", "--format", "--model-path", "--output-dir", "--batch-size",
                  "--num-workers", "--device"],
+    "bench": ["data", "--img-dir", "--size", "--n-images", "--epochs"],
 }
 
 
@@ -134,3 +136,31 @@ def test_multitask_train_evaluate(tiny_model, tmp_path, capsys):
         assert len(task_metrics["confusion_matrix"]) == k and sum(map(sum, task_metrics["confusion_matrix"])) == 10
         assert task_metrics["accuracy"] >= metrics["joint_accuracy"]
     assert "== DR ==" in out and "== DME ==" in out and f"{metrics['joint_accuracy']:.4f}" in out
+
+
+def test_bench_data_help(run_cli):
+    result = run_cli("bench", "data", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fundus-lab bench")
+    for option in ["--img-dir", "--size", "--n-images", "--epochs"]: assert option in result.stdout
+
+
+def test_train_with_cache_heavy_augmentation_and_clahe(dr_dataset, tiny_model, tmp_path, capsys):
+    from fundus_lab.models import load_model
+    from fundus_lab.train import MEDICAL_PREPROCESSING
+    cache_dir = tmp_path/"cache"
+    argv = ["train", "--labels-csv", str(dr_dataset/"labels.csv"), "--save-dir", str(tmp_path/"model"),
+            "--cache-dir", str(cache_dir), "--advanced-aug", "--medical-preprocess", *tiny_model]
+    assert main(argv) == 0
+    assert "20 image(s) prepared, 0 reused" in capsys.readouterr().out
+    manifest = json.loads((cache_dir/"manifest.json").read_text())
+    assert manifest["settings"]["size"] == 64 and len(manifest["entries"]) == 20
+    config = json.loads((tmp_path/"model/config.json").read_text())
+    assert (config["augmentation"], config["cache"]["prepared"]) == ("heavy", 20)
+    assert load_model(tmp_path/"model/best_model.pth")[1]["preprocessing"] == MEDICAL_PREPROCESSING
+    assert main(argv) == 0
+    assert "0 image(s) prepared, 20 reused" in capsys.readouterr().out
+    assert main(["evaluate", "--labels-csv", str(dr_dataset/"labels.csv"), "--model-path",
+                 str(tmp_path/"model/best_model.pth"), "--output-dir", str(tmp_path/"evaluation")]) == 0
+    metrics = json.loads((tmp_path/"evaluation/metrics.json").read_text())
+    assert metrics["n"] == 20 and 0 <= metrics["accuracy"] <= 1
