@@ -18,7 +18,8 @@ from .core import get_device, torch_save_atomic
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'FORMAT_VERSION', 'CONFIG_KEYS', 'convert_efficientnet_lite', 'lite0_imagenet_weights',
-           'create_backbone', 'BackboneModel', 'DRClassifier', 'check_config', 'save_model', 'load_model']
+           'create_backbone', 'BackboneModel', 'DRClassifier', 'check_config', 'save_model', 'save_checked_model',
+           'load_model']
 
 # %% ../nbs/05_models.ipynb #eb09e9a8
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -196,9 +197,17 @@ def save_model(path, # the file to write, e.g. best_model.pth
     "Write `model`'s weights and `config` to `path` atomically, in a file `load_model` reads."
     if not isinstance(model, DRClassifier):
         raise TypeError(f"save_model saves a DRClassifier, got {type(model).__name__}.")
-    check_config(config)
     built_with = {"model_name": model.model_name, "num_classes": model.num_classes, "dropout": model.dropout,
                   "timm_kwargs": model.timm_kwargs}
+    return save_checked_model(path, model, config, built_with)
+
+def save_checked_model(path, # the .pth file to write
+                       model:nn.Module, # the model whose weights are saved
+                       config:dict, # its self-description (see `CONFIG_KEYS`)
+                       built_with:dict, # config values the model was actually built with, checked against `config`
+                      ) -> Path:
+    "Check `config` and that it agrees with `built_with`, then write config and weights atomically."
+    check_config(config)
     differ = {k: (config.get(k, {}), v) for k, v in built_with.items() if config.get(k, {}) != v}
     if differ:
         raise ValueError("The config does not describe the model (key: (config, model)): "

@@ -24,10 +24,10 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in 
     from fastai.optimizer import Adam
     from fastai.torch_core import norm_bias_params
 
-from .core import get_device, torch_save_atomic
+from .core import get_device
 from .data import DME_GRADES, DR_GRADES
 from .metrics import classification_metrics
-from .models import DEFAULT_MODEL, FORMAT_VERSION, BackboneModel, check_config, create_backbone, load_model, save_model
+from .models import DEFAULT_MODEL, FORMAT_VERSION, BackboneModel, check_config, create_backbone, load_model, save_checked_model, save_model
 
 # %% auto #0
 __all__ = ['LOSS_KINDS', 'DEFAULT_TASK_CLASSES', 'TASK_CLASS_NAMES', 'LOG_VAR_LR_MULT', 'SCORE_METRICS',
@@ -256,16 +256,10 @@ def save_multitask_model(path, # the file to write, e.g. best_model.pth
     "Write a multi-task model's weights (with its log-variances) and `config` to `path` atomically."
     if not isinstance(model, MultiTaskClassifier):
         raise TypeError(f"save_multitask_model saves a MultiTaskClassifier, got {type(model).__name__}.")
-    check_config(config)
     built_with = {"task": "multitask", "model_name": model.model_name, "num_classes": model.task_classes,
                   "dropout": model.dropout, "timm_kwargs": model.timm_kwargs,
                   "uncertainty": {"kinds": model.uncertainty.kinds, "non_negative": model.uncertainty.non_negative}}
-    differ = {k: (config.get(k, {}), v) for k, v in built_with.items() if config.get(k, {}) != v}
-    if differ:
-        raise ValueError("The config does not describe the model (key: (config, model)): "
-                         + ", ".join(f"{k}: {c!r} vs {m!r}" for k, (c, m) in differ.items()))
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return torch_save_atomic({"format_version": FORMAT_VERSION, "config": config, "model_state_dict": weights}, path)
+    return save_checked_model(path, model, config, built_with)
 
 def save_any_model(path, # the file to write
                    model:nn.Module, # a DRClassifier or a MultiTaskClassifier
