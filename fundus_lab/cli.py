@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/cli.html.md"""
 
 # %% ../nbs/09_cli.ipynb #9cfabcdf
 from __future__ import annotations
-import argparse, contextlib, sys, textwrap
+import argparse, contextlib, importlib, sys, textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,9 +17,9 @@ from . import __version__
 
 # %% auto #0
 __all__ = ['SYNTH_TASKS', 'DR_PRIOR_NAMES', 'FORMATS', 'TASK_CHOICES', 'TRAIN_TASK_CHOICES', 'LOSS_CHOICES', 'DEFAULT_MODEL_NAME',
-           'COMMANDS', 'USER_ERRORS', 'BENCHMARKS', 'Command', 'command', 'positive_int', 'non_negative_int',
-           'positive_float', 'fraction', 'non_negative_float', 'probability', 'CommandError', 'build_parser', 'main',
-           'cmd_synth', 'cmd_train', 'photo_size', 'cmd_bench', 'format_metrics', 'cmd_evaluate']
+           'COMMANDS', 'USER_ERRORS', 'LAZY_COMMANDS', 'Command', 'command', 'positive_int', 'non_negative_int',
+           'positive_float', 'fraction', 'non_negative_float', 'probability', 'CommandError', 'load_command',
+           'build_parser', 'main', 'cmd_synth', 'cmd_train']
 
 # %% ../nbs/09_cli.ipynb #0030a67d
 SYNTH_TASKS = ("dr", "dme", "multitask", "multilabel")
@@ -108,8 +108,29 @@ def _paragraphs(text:str, width:int=78) -> str:
     "`text` with each blank-line separated paragraph re-wrapped to `width` columns."
     return "\n\n".join(textwrap.fill(" ".join(p.split()), width) for p in textwrap.dedent(text).strip().split("\n\n"))
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `fundus-lab` argument parser, with one sub-parser per command in `COMMANDS`."
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "evaluate": ("fundus_lab.evaluate", "score a trained model on held-out images"),
+    "bench": ("fundus_lab.device", "measure how fast the data pipeline and a training step run"),
+    "tune": ("fundus_lab.hpo", "search hyperparameters with Optuna"),
+    "analyze-study": ("fundus_lab.hpo", "summarise a hyperparameter search and write its best configurations"),
+    "export": ("fundus_lab.export", "export a trained model to ONNX and check it against PyTorch"),
+    "predict": ("fundus_lab.export", "predict the classes of fundus photographs with a saved or ONNX model"),
+}
+
+def load_command(name:str, # a command name, e.g. 'tune'
+                ) -> Command|None:
+    "The registered command `name`, importing the chapter module that defines it when it is a lazy one; None if unknown."
+    if name not in COMMANDS and name in LAZY_COMMANDS: importlib.import_module(LAZY_COMMANDS[name][0])
+    return COMMANDS.get(name)
+
+def _command_name(argv:list[str]) -> str|None:
+    "The first argument that is not an option: the command the user asked for."
+    return next((a for a in argv if not a.startswith("-")), None)
+
+def build_parser(load:str|None=None, # a lazy command whose module is imported so that its options are known
+                ) -> argparse.ArgumentParser:
+    "The `fundus-lab` argument parser: one sub-parser per command, lazy commands listed by their summary alone."
+    if load is not None: load_command(load)
     parser = argparse.ArgumentParser(
         prog="fundus-lab", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_paragraphs("""Deep learning on retinal fundus photographs: generate a synthetic dataset,
@@ -118,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback when a command fails")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    for c in COMMANDS.values():
+    for name in [*COMMANDS, *(n for n in LAZY_COMMANDS if n not in COMMANDS)]:
+        c = COMMANDS.get(name)
+        if c is None:
+            commands.add_parser(name, help=LAZY_COMMANDS[name][1])
+            continue
         sub = commands.add_parser(c.name, help=c.summary, description=_paragraphs(c.description),
                                   epilog=f"example:\n  {c.example}" if c.example else None,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv:list[str]|None=None, # the arguments after `fundus-lab`; None: the command line
         ) -> int:
     "Run `fundus-lab` with `argv` and return the exit status (0 success, 2 a mistake to fix)."
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
+    parser = build_parser(load=_command_name(argv))
     try: args = parser.parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 2  # --help/--version, or a usage error
     if args.command is None:
@@ -302,96 +328,6 @@ def cmd_train(args:argparse.Namespace) -> int:
     print(f"\nResults in {args.save_dir}: {written}\n"
           f"Evaluate the model on held-out images: fundus-lab evaluate --model-path {result['best_model_path']} "
           "--labels-csv TEST.csv --img-dir TEST_IMAGES")
-    return 0
-
-# %% ../nbs/09_cli.ipynb #fbe91768
-BENCHMARKS = ("data",)
-
-def photo_size(text:str, # the option value as typed, e.g. '3000x2000'
-              ) -> tuple[int, int]:
-    "A (width, height) pair written WIDTHxHEIGHT, both at least 32 pixels."
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) >= 32 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text} is not WIDTHxHEIGHT with both at least 32 (e.g. 3000x2000)")
-    return int(parts[0]), int(parts[1])
-
-def _bench_arguments(parser:argparse.ArgumentParser):
-    parser.add_argument("what", choices=BENCHMARKS, help="what to measure: data = the image loading pipelines")
-    parser.add_argument("--img-dir", type=Path, help="folder of real photos to measure too (searched recursively)")
-    parser.add_argument("--size", type=positive_int, default=448, help="training image size in pixels (default: %(default)s)")
-    parser.add_argument("--n-images", type=positive_int, default=24, help="photos per source (default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=3, help="passes over the photos per pipeline (default: %(default)s)")
-    parser.add_argument("--num-workers", type=positive_int, default=2, help="threads loading images (default: %(default)s)")
-    parser.add_argument("--photo-size", type=photo_size, default=(3000, 2000),
-                        help="WIDTHxHEIGHT of the generated photos (default: 3000x2000)")
-
-@command("bench", "measure how fast the image pipelines run",
-         """Measure the speed of a part of the workflow. `fundus-lab bench data` prints the images per second of
-         the naive image pipeline (full decode, crop, resize, augment), of reduced-size JPEG decoding and of the
-         image cache (`fundus-lab train --cache-dir`), on generated photos and on real ones from --img-dir; the
-         last line is the speed-up of the cache.""",
-         _bench_arguments, "fundus-lab bench data --img-dir data/images --size 448")
-def cmd_bench(args:argparse.Namespace) -> int:
-    "Run the benchmark named by `what` (`fundus_lab.cache.bench_data` for data)."
-    if args.img_dir is not None and not args.img_dir.is_dir(): raise CommandError(f"--img-dir: no folder {args.img_dir}")
-    from fundus_lab.cache import bench_data
-    bench_data(args.img_dir, size=args.size, n_images=args.n_images, epochs=args.epochs, num_workers=args.num_workers,
-               photo_size=args.photo_size)
-    return 0
-
-# %% ../nbs/09_cli.ipynb #57805bcf
-def _number(value, digits:int=4) -> str:
-    "`value` with `digits` decimals, or 'n/a' for None/NaN."
-    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
-
-def format_metrics(metrics:dict, # the result of `evaluate_model` / `classification_metrics` / `multitask_metrics`
-                  ) -> str:
-    "A text table of the summary metrics and, when present, the per-class report; one per task for a multi-task result."
-    if "tasks" in metrics:
-        sections = [f"== {task.upper()} ==\n" + format_metrics({**m, "n": metrics["n"]}) for task, m in metrics["tasks"].items()]
-        return "\n\n".join(sections + [f"{'joint accuracy (all tasks right)':<34}{_number(metrics['joint_accuracy']):>8}"])
-    names = {"accuracy": "accuracy", "qwk": "quadratic weighted kappa", "macro_f1": "macro F1", "auc_macro": "macro AUROC"}
-    lines = [f"{label:<26}{_number(metrics[key]):>8}" for key, label in names.items()]
-    lines.append(f"{'images':<26}{metrics['n']:>8}")
-    per_class = metrics.get("per_class")
-    if per_class:
-        width = max(len("class"), *map(len, per_class))
-        lines += ["", f"{'class':<{width}}  precision  recall      f1  support     auc"]
-        lines += [f"{name:<{width}}  {_number(m['precision'], 3):>9}  {_number(m['recall'], 3):>6}  {_number(m['f1'], 3):>6}"
-                  f"  {m['support']:>7}  {_number(m['auc'], 3):>6}" for name, m in per_class.items()]
-    return "\n".join(lines)
-
-# %% ../nbs/09_cli.ipynb #8a90005a
-def _evaluate_arguments(parser:argparse.ArgumentParser):
-    _dataset_arguments(parser, "held-out")
-    parser.add_argument("--model-path", type=Path, required=True, help="best_model.pth written by `fundus-lab train`")
-    parser.add_argument("--output-dir", type=Path,
-                        help="folder for metrics.json and confusion_matrix.png (default: an evaluation/ folder beside the model)")
-    _loader_arguments(parser, batch_size=32)
-
-@command("evaluate", "score a trained model on held-out images",
-         """Evaluate a model written by `fundus-lab train` on labelled images it has not seen. The images are
-         checked first and prepared exactly as in training (the model file records how). Prints the metrics and
-         writes OUTPUT_DIR/metrics.json (accuracy, quadratic weighted kappa, macro F1, macro AUROC, per-class
-         report, confusion matrix) and OUTPUT_DIR/confusion_matrix.png.
-
-         For a multi-task model (trained with --task multitask) the metrics are given per task (DR and DME), with
-         the joint accuracy (both grades right, the IDRiD challenge's measure), and there is one confusion
-         matrix per task: OUTPUT_DIR/confusion_matrix_dr.png and confusion_matrix_dme.png.""",
-         _evaluate_arguments,
-         "fundus-lab evaluate --labels-csv test/labels.csv --img-dir test/images --model-path runs/aptos/best_model.pth")
-def cmd_evaluate(args:argparse.Namespace) -> int:
-    "Check the held-out dataset, run `fundus_lab.evaluate.evaluate_model` and print the metrics table."
-    from fundus_lab.multitask import load_any_model
-    _check_device(args.device)
-    _, config = load_any_model(args.model_path)
-    df = _read_checked(args, config["task"], "evaluated")
-    from fundus_lab.evaluate import evaluate_model
-    output_dir = args.output_dir or Path(args.model_path).parent/"evaluation"
-    metrics = evaluate_model(args.model_path, df, output_dir, batch_size=args.batch_size,
-                             num_workers=args.num_workers, device=args.device)
-    images = [f"confusion_matrix_{t}.png" for t in metrics["tasks"]] if "tasks" in metrics else ["confusion_matrix.png"]
-    print(f"\n{format_metrics(metrics)}\n\nResults in {output_dir}: {', '.join(['metrics.json', *images])}")
     return 0
 
 # %% ../nbs/09_cli.ipynb #1ef76d4e

@@ -238,6 +238,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
                 advanced_aug:bool=False, # train with the 'heavy' augmentation pipeline instead of 'light'
                 medical_preprocess:bool=False, # CLAHE on the lightness channel after the crop/pad/resize
                 cache_dir=None, # folder of a cache of prepared squares (built or reused); None: prepare on the fly
+                callbacks:list|None=None, # more fastai callbacks for the Learner (e.g. a pruning callback of a search)
                ) -> dict:
     "Train a DR or DR + DME model with fastai and save the best checkpoint by validation QWK (or score); return paths and metrics."
     task_classes = _check_task(task, num_classes)
@@ -288,11 +289,11 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
         tracker = TaskLossTracker()
         saver = BestModelCallback(save_dir, model_config, monitor="score", extra_values=tracker.values)
         learn = multitask_learner(dls, model, task_losses, lr=lr, weight_decay=WEIGHT_DECAY, path=save_dir,
-                                  cbs=[LossScheduleCallback(), tracker, saver])
+                                  cbs=[LossScheduleCallback(), tracker, saver, *(callbacks or [])])
     else:
         saver = BestModelCallback(save_dir, model_config)
         learn = Learner(dls, model, loss_func=task_losses["dr"], opt_func=Adam, lr=lr, wd=WEIGHT_DECAY,
-                        metrics=fastai_metrics(task_classes["dr"]), path=save_dir, cbs=[LossScheduleCallback(), saver])
+                        metrics=fastai_metrics(task_classes["dr"]), path=save_dir, cbs=[LossScheduleCallback(), saver, *(callbacks or [])])
     print(f"Training {model_name} ({task}, loss {loss}) on {run_config['n_train']} images ({run_config['n_train_patients']} "
           f"patients), validating on {run_config['n_valid']} ({run_config['n_valid_patients']} patients), "
           f"{epochs} epoch{'s' if epochs > 1 else ''} on {torch_device}.")
