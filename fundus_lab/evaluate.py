@@ -1,4 +1,4 @@
-"""A saved model on a held-out table: probabilities, the four headline metrics, a per-class report and the confusion matrix, written to disk.
+"""A saved model (or an ensemble of fold models) on a held-out table: probabilities with optional test-time augmentation, the grading metrics with bootstrap confidence intervals, referable-DR sensitivity and specificity, calibration, the cross-dataset generalisation gap, and the report files of `fundus-lab evaluate`.
 
 Docs: https://fundus-lab.github.io/fundus-lab/evaluate.html.md"""
 
@@ -6,6 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/evaluate.html.md"""
 
 # %% ../nbs/08_evaluate.ipynb #37df4391
 from __future__ import annotations
+import argparse, contextlib, re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -13,18 +14,49 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+from scipy.stats import rankdata
+from sklearn.metrics import (average_precision_score, classification_report, multilabel_confusion_matrix, roc_auc_score,
+                             roc_curve)
 from torch.utils.data import DataLoader
 
-from .augment import valid_transform
+from .augment import TTA_VIEWS, tta_predict, tta_views, valid_transform
+from .calibration import expected_calibration_error, quadratic_kappa
+from .cli import _check_device, _dataset_arguments, _loader_arguments, _read_checked, command, fraction, non_negative_int
 from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, get_device, save_json
 from .metrics import classification_metrics
-from .multitask import load_any_model, multitask_metrics
-from .train import FundusDataset, preprocessing_options
+from .multilabel import multilabel_metrics
+from .multitask import load_any_model, multitask_metrics, selection_score
+from .train import FundusDataset, preprocessing_options, train_model
 
 # %% auto #0
-__all__ = ['predict_logits', 'predict_probs', 'predict_task_probs', 'plot_confusion_matrix', 'evaluate_model']
+__all__ = ['REFERABLE_FROM', 'IDX_DR_SPECIFICITY', 'MULTILABEL_SUMMARY', 'MULTILABEL_THRESHOLD', 'SUMMARY_NAMES',
+           'predict_logits', 'predict_probs', 'predict_task_probs', 'macro_aupr', 'task_metrics', 'operating_point',
+           'referable_metrics', 'bootstrap_ci', 'metric_intervals', 'plot_confusion_matrix', 'plot_roc_curves',
+           'plot_label_confusion', 'predictions_table', 'resolve_model_paths', 'load_models', 'ensemble_probs',
+           'generalisation_gap', 'evaluate_model', 'report_files', 'format_metrics', 'cross_dataset_evaluation',
+           'cmd_evaluate']
 
 # %% ../nbs/08_evaluate.ipynb #1003da5d
+def _outputs(fn, df:pd.DataFrame, image_size:int, batch_size:int, num_workers:int, torch_device:torch.device,
+             medical_preprocess:bool) -> torch.Tensor:
+    "`fn(images)` (float32, on the CPU) for every image of `df`, batch by batch, in table order."
+    dataset = FundusDataset(df, None, image_size, valid_transform(image_size), medical_preprocess=medical_preprocess)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=torch_device.type == "cuda")
+    with torch.inference_mode():
+        return torch.cat([fn(images.to(torch_device)).float().cpu() for images, _ in loader])
+
+@contextlib.contextmanager
+def _in_eval_mode(model:torch.nn.Module, torch_device:torch.device):
+    "Run the block with `model` on `torch_device` in eval mode, restoring its training flag afterwards."
+    was_training = model.training
+    model.to(torch_device).eval()
+    try: yield
+    finally: model.train(was_training)
+
+def _check_tta(tta:str|None):
+    if tta is not None and tta not in TTA_VIEWS: raise ValueError(f"tta must be None or one of {list(TTA_VIEWS)}, got {tta!r}.")
+
 def predict_logits(model:torch.nn.Module, # a model returning logits, batch x outputs
                    df:pd.DataFrame, # canonical table of the images (needs `path`)
                    image_size:int, # side of the square input in pixels (the model's training size)
@@ -35,15 +67,8 @@ def predict_logits(model:torch.nn.Module, # a model returning logits, batch x ou
                   ) -> torch.Tensor:
     "The outputs (n_images x n_outputs, float32 on the CPU) of `model` on every image of `df`, in table order."
     torch_device = get_device(device)
-    dataset = FundusDataset(df, None, image_size, valid_transform(image_size), medical_preprocess=medical_preprocess)
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, pin_memory=torch_device.type == "cuda")
-    was_training = model.training
-    model.to(torch_device).eval()
-    with torch.inference_mode():
-        logits = [model(images.to(torch_device)).float().cpu() for images, _ in loader]
-    model.train(was_training)
-    return torch.cat(logits)
+    with _in_eval_mode(model, torch_device):
+        return _outputs(model, df, image_size, batch_size, num_workers, torch_device, medical_preprocess)
 
 def predict_probs(model:torch.nn.Module, # a classifier returning logits, batch x classes
                   df:pd.DataFrame, # canonical table of the images (needs `path`)
@@ -52,10 +77,17 @@ def predict_probs(model:torch.nn.Module, # a classifier returning logits, batch 
                   num_workers:int=0, # DataLoader worker processes
                   device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
                   medical_preprocess:bool=False, # CLAHE on lightness, as for a model trained with --medical-preprocess
+                  tta:str|None=None, # None, or test-time augmentation views: 'flips' (4) or 'd4' (8)
+                  activation:str="softmax", # 'softmax' (one class per image) or 'sigmoid' (multi-label)
                  ) -> np.ndarray:
-    "Softmax probabilities (n_images x n_classes) of `model` on every image of `df`, in table order."
-    logits = predict_logits(model, df, image_size, batch_size, num_workers, device, medical_preprocess)
-    return logits.softmax(dim=1).numpy()
+    "Probabilities (n_images x n_outputs) of `model` on every image of `df`, in table order."
+    _check_tta(tta)
+    if activation not in ("softmax", "sigmoid"): raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
+    torch_device = get_device(device)
+    squash = (lambda z: z.softmax(dim=1)) if activation == "softmax" else torch.sigmoid
+    fn = (lambda x: squash(model(x))) if tta is None else (lambda x: tta_predict(model, x, views=tta, activation=activation))
+    with _in_eval_mode(model, torch_device):
+        return _outputs(fn, df, image_size, batch_size, num_workers, torch_device, medical_preprocess).numpy()
 
 def predict_task_probs(model:torch.nn.Module, # a MultiTaskClassifier (has `split_logits`)
                        df:pd.DataFrame, # canonical table of the images (needs `path`)
@@ -64,12 +96,154 @@ def predict_task_probs(model:torch.nn.Module, # a MultiTaskClassifier (has `spli
                        num_workers:int=0, # DataLoader worker processes
                        device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
                        medical_preprocess:bool=False, # CLAHE on lightness, as for a model trained with --medical-preprocess
+                       tta:str|None=None, # None, 'flips' or 'd4': average each task's softmax over the views
                       ) -> dict[str, np.ndarray]:
     "{task: softmax probabilities (n_images x n_classes)} of a multi-task model on every image of `df`."
-    logits = predict_logits(model, df, image_size, batch_size, num_workers, device, medical_preprocess)
-    return {task: part.softmax(dim=1).numpy() for task, part in model.split_logits(logits).items()}
+    _check_tta(tta)
+    torch_device = get_device(device)
+    task_softmax = lambda x: torch.cat([part.softmax(1) for part in model.split_logits(model(x)).values()], dim=1)
+    fn = task_softmax if tta is None else (lambda x: torch.stack([task_softmax(v) for v in tta_views(x, tta)]).mean(0))
+    with _in_eval_mode(model, torch_device):
+        joined = _outputs(fn, df, image_size, batch_size, num_workers, torch_device, medical_preprocess)
+    return {task: part.numpy() for task, part in model.split_logits(joined).items()}
 
 # %% ../nbs/08_evaluate.ipynb #e6922c56
+REFERABLE_FROM = 2  # grade 2 (moderate NPDR) or worse: referable diabetic retinopathy
+IDX_DR_SPECIFICITY = 0.907  # specificity of the IDx-DR pivotal trial (Abramoff et al. 2018)
+MULTILABEL_SUMMARY = ("macro_f1", "micro_f1", "auc_macro", "odir_score")  # headline metrics of a multi-label model
+MULTILABEL_THRESHOLD = 0.5  # a disease is flagged when its sigmoid probability reaches this
+
+def macro_aupr(y_true, # true class indices, shape (n,)
+               probs, # class probabilities, shape (n, C)
+              ) -> float:
+    "Mean over the classes present in `y_true` of the one-vs-rest average precision; NaN if fewer than two are present."
+    y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
+    present = np.unique(y_true)
+    if len(present) < 2: return float("nan")
+    return float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in present]))
+
+def task_metrics(y_true, # true class indices, shape (n,)
+                 probs, # class probabilities, shape (n, C)
+                 class_names:list[str]|None=None, # names of the C classes
+                ) -> dict:
+    "`classification_metrics` plus macro AUPR, ECE and per-class one-vs-rest accuracy and AUPR."
+    metrics = classification_metrics(y_true, probs, class_names)
+    y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
+    y_pred = probs.argmax(1)
+    for c, per_class in enumerate(metrics["per_class"].values()):
+        per_class["accuracy"] = float(np.mean((y_true == c) == (y_pred == c)))
+        per_class["aupr"] = float(average_precision_score(y_true == c, probs[:, c])) if per_class["support"] else float("nan")
+    extra = {"aupr_macro": macro_aupr(y_true, probs), "ece": expected_calibration_error(y_true, probs)}
+    return {**{k: metrics[k] for k in ("accuracy", "qwk", "macro_f1", "auc_macro")}, **extra,
+            **{k: v for k, v in metrics.items() if k not in extra and k not in ("accuracy", "qwk", "macro_f1", "auc_macro")}}
+
+# %% ../nbs/08_evaluate.ipynb #58386dfd
+def operating_point(y_binary, # 1 = positive (e.g. referable), shape (n,)
+                    scores, # higher = more likely positive, shape (n,)
+                    target_specificity:float=IDX_DR_SPECIFICITY, # the specificity to reach (at least)
+                    threshold:float|None=None, # a threshold fixed beforehand (e.g. on validation data); None: chosen here
+                   ) -> dict:
+    "Threshold, sensitivity and specificity of 'positive when score >= threshold', chosen to reach `target_specificity`."
+    y_binary, scores = np.asarray(y_binary).astype(bool), np.asarray(scores, dtype=float)
+    if y_binary.all() or not y_binary.any():
+        raise ValueError("operating_point needs both positive and negative images to measure sensitivity and specificity.")
+    if threshold is None:
+        if not 0 < target_specificity < 1: raise ValueError(f"target_specificity must be in (0, 1), got {target_specificity}.")
+        fpr, tpr, thresholds = roc_curve(y_binary, scores, drop_intermediate=False)
+        last_ok = np.flatnonzero(1 - fpr >= target_specificity - 1e-12).max()  # fpr grows as the threshold falls
+        threshold = float(thresholds[last_ok]) if np.isfinite(thresholds[last_ok]) else float(np.nextafter(scores.max(), np.inf))
+    positive = scores >= threshold
+    return {"threshold": float(threshold), "target_specificity": float(target_specificity),
+            "sensitivity": float(positive[y_binary].mean()), "specificity": float((~positive[~y_binary]).mean())}
+
+def referable_metrics(y_true, # DR grades 0-4, shape (n,)
+                      probs, # probabilities of the 5 grades, shape (n, 5)
+                      target_specificity:float=IDX_DR_SPECIFICITY, # the specificity to reach
+                      threshold:float|None=None, # a referable-score threshold fixed beforehand; None: chosen on these scores
+                     ) -> dict:
+    "Referable DR (grade >= 2): AUROC of the referable score and sensitivity/specificity at the operating point."
+    y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
+    referable, scores = y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1)
+    result = {"n_referable": int(referable.sum()), "n_non_referable": int((~referable).sum())}
+    if referable.all() or not referable.any():  # one side is empty: no ROC curve, no operating point to choose
+        return {**result, "auc": float("nan"), "threshold": threshold, "target_specificity": float(target_specificity),
+                "sensitivity": float("nan"), "specificity": float("nan")}
+    return {**result, "auc": float(roc_auc_score(referable, scores)),
+            **operating_point(referable, scores, target_specificity, threshold)}
+
+# %% ../nbs/08_evaluate.ipynb #58c2966e
+def _resample_indices(groups:np.ndarray, rng:np.random.Generator) -> np.ndarray:
+    "Row indices of one bootstrap sample: the rows of as many groups as there are, drawn with replacement."
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+    return np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+
+def bootstrap_ci(statistic, # function(row indices) -> {name: value}
+                 n:int, # number of rows
+                 n_boot:int=1000, # number of resamples
+                 seed:int=0, # random seed of the resampling
+                 groups=None, # group of each row (e.g. patient_id): groups are resampled; None: rows are
+                 level:float=0.95, # coverage of the interval
+                ) -> dict:
+    "Percentile bootstrap intervals {name: {'low', 'high', 'n'}} of the values returned by `statistic`."
+    if n_boot < 1: raise ValueError(f"n_boot must be >= 1, got {n_boot}.")
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    if len(groups) != n: raise ValueError(f"groups has {len(groups)} entries for {n} rows.")
+    rng = np.random.default_rng(seed)
+    samples = pd.DataFrame([statistic(_resample_indices(groups, rng)) for _ in range(n_boot)], dtype=float)
+    tail = (1 - level) / 2 * 100
+    return {name: {"low": float(np.nanpercentile(v, tail)) if v.notna().any() else float("nan"),
+                   "high": float(np.nanpercentile(v, 100 - tail)) if v.notna().any() else float("nan"),
+                   "n": int(v.notna().sum())} for name, v in samples.items()}
+
+def _auroc(positive:np.ndarray, scores:np.ndarray) -> float:
+    "AUROC by the Mann-Whitney rank sum (ties get average ranks); NaN without both classes."
+    n_pos = positive.sum(); n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0: return float("nan")
+    return float((rankdata(scores)[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+def _average_precision(positive:np.ndarray, scores:np.ndarray) -> float:
+    "Average precision sum_k (R_k - R_{k-1}) P_k over the distinct score thresholds, highest first."
+    order = np.argsort(-scores, kind="mergesort")
+    hits, ranked = positive[order], scores[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    tp = np.cumsum(hits)[last_of_tie]
+    if tp[-1] == 0: return float("nan")
+    precision, recall = tp / (last_of_tie + 1), tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0, recall]) * precision))
+
+def _fast_metrics(y_true:np.ndarray, probs:np.ndarray, referable_threshold:float|None) -> dict:
+    "The headline metrics of one bootstrap sample, in numpy (equal to the scikit-learn based ones, many times faster)."
+    y_pred, k = probs.argmax(1), probs.shape[1]
+    counts = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    tp, seen = np.diag(counts), (counts.sum(0) + counts.sum(1)) > 0  # f1_score's macro mean: classes in y_true or y_pred
+    f1 = np.divide(2 * tp, counts.sum(0) + counts.sum(1), out=np.zeros(k), where=seen)
+    present = [c for c in range(k) if 0 < (y_true == c).sum() < len(y_true)]
+    values = {"accuracy": float(np.mean(y_pred == y_true)), "qwk": quadratic_kappa(y_true, y_pred, k),
+              "macro_f1": float(f1[seen].mean()),
+              "auc_macro": float(np.mean([_auroc(y_true == c, probs[:, c]) for c in present])) if len(present) > 1 else float("nan"),
+              "aupr_macro": float(np.mean([_average_precision(y_true == c, probs[:, c]) for c in present])) if len(present) > 1 else float("nan")}
+    if referable_threshold is not None:
+        referable, scores = y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1)
+        values["referable_sensitivity"] = float((scores[referable] >= referable_threshold).mean()) if referable.any() else float("nan")
+        values["referable_specificity"] = float((scores[~referable] < referable_threshold).mean()) if (~referable).any() else float("nan")
+        values["referable_auc"] = _auroc(referable, scores)
+    return values
+
+def metric_intervals(y_true, # true class indices, shape (n,)
+                     probs, # class probabilities, shape (n, C)
+                     n_boot:int=1000, # number of resamples
+                     seed:int=0, # random seed
+                     groups=None, # patient of each image (resampled by patient), or None
+                     referable_threshold:float|None=None, # DR: the fixed referable threshold whose sensitivity/specificity get intervals
+                    ) -> dict:
+    "95% percentile-bootstrap intervals of accuracy, QWK, macro-F1, macro AUROC/AUPR (and referable DR metrics)."
+    y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return bootstrap_ci(lambda idx: _fast_metrics(y_true[idx], probs[idx], referable_threshold), len(y_true),
+                            n_boot, seed, groups)
+
+# %% ../nbs/08_evaluate.ipynb #94fddefd
 def _json_ready(value):
     "`value` with every NaN float replaced by None (strict JSON has no NaN)."
     if isinstance(value, dict): return {k: _json_ready(v) for k, v in value.items()}
@@ -91,6 +265,91 @@ def plot_confusion_matrix(matrix, # confusion matrix, rows = true class, columns
     fig.tight_layout()
     return fig
 
+def plot_roc_curves(y_true, # true class indices, shape (n,)
+                    probs, # class probabilities, shape (n, C)
+                    class_names:list[str], # names of the classes
+                    referable:dict|None=None, # `referable_metrics` result: adds the referable-DR curve and operating point
+                    title:str="ROC curves", # figure title
+                   ) -> plt.Figure:
+    "ROC curve of each class against the rest (or each label of a multi-label indicator matrix) and, for DR, the referable curve."
+    y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
+    flags = y_true if y_true.ndim == 2 else (y_true[:, None] == np.arange(probs.shape[1])).astype(int)
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    for c, name in enumerate(class_names):
+        if 0 < flags[:, c].sum() < len(flags):
+            fpr, tpr, _ = roc_curve(flags[:, c], probs[:, c])
+            ax.plot(fpr, tpr, lw=1.2, label=f"{name} (AUROC {roc_auc_score(flags[:, c], probs[:, c]):.2f})")
+    if referable is not None and not np.isnan(referable["auc"]):
+        fpr, tpr, _ = roc_curve(y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1))
+        ax.plot(fpr, tpr, "k-", lw=2.2, label=f"referable DR (AUROC {referable['auc']:.2f})")
+        ax.plot(1 - referable["specificity"], referable["sensitivity"], "r*", ms=13,
+                label=f"operating point: sens {referable['sensitivity']:.2f}, spec {referable['specificity']:.2f}")
+    ax.set(xlabel="1 - specificity (false-positive rate)", ylabel="sensitivity (true-positive rate)", title=title,
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+def plot_label_confusion(y_true, # 0/1 flags, shape (n, K)
+                         probs, # sigmoid probabilities, shape (n, K)
+                         label_names:list[str], # the K label names
+                         threshold:float=0.5, # a label is predicted when its probability reaches this
+                        ) -> plt.Figure:
+    "One 2 x 2 confusion matrix (rows true no/yes, columns predicted no/yes) per label of a multi-label model."
+    matrices = multilabel_confusion_matrix(np.asarray(y_true).astype(int), (np.asarray(probs) >= threshold).astype(int))
+    fig, axes = plt.subplots(1, len(label_names), figsize=(1.7 * len(label_names) + 0.5, 2.3))
+    for ax, matrix, name in zip(np.atleast_1d(axes), matrices, label_names):
+        sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", cbar=False, square=True, ax=ax,
+                    xticklabels=["no", "yes"], yticklabels=["no", "yes"])
+        ax.set(title=name, xlabel="predicted", ylabel="true" if ax is np.atleast_1d(axes)[0] else "")
+    fig.tight_layout()
+    return fig
+
+def _save_png(fig:plt.Figure, path:Path):
+    with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+def predictions_table(df:pd.DataFrame, # the evaluated canonical table
+                      probs:dict[str, np.ndarray], # {task (label column): probabilities (n, C)}, or {'multilabel': (n, K)}
+                      label_columns:list[str]|None=None, # multi-label: the K label columns
+                     ) -> pd.DataFrame:
+    "One row per image: ids, path, true label and predicted class of each task, per-class probabilities (and DR referable score)."
+    table = df[["image_id", "path", "patient_id"]].reset_index(drop=True).copy()
+    if "multilabel" in probs:
+        for k, column in enumerate(label_columns):
+            table[column] = df[column].reset_index(drop=True).astype("Int64")
+            table[f"predicted_{column}"] = (probs["multilabel"][:, k] >= 0.5).astype(int)
+            table[f"prob_{column}"] = probs["multilabel"][:, k].round(6)
+        return table
+    for task, p in probs.items():
+        table[task] = df[task].reset_index(drop=True).astype("Int64")
+        table[f"predicted_{task}"] = p.argmax(1)
+        for k in range(p.shape[1]): table[f"prob_{task}_{k}"] = p[:, k].round(6)
+        if task == "dr" and p.shape[1] == 5: table["referable_score"] = p[:, REFERABLE_FROM:].sum(1).round(6)
+    return table
+
+# %% ../nbs/08_evaluate.ipynb #33c91194
+def _fold_number(path:Path) -> int:
+    found = re.search(r"(\d+)$", path.parent.name)
+    return int(found.group(1)) if found else -1
+
+def resolve_model_paths(model_paths, # a checkpoint, a folder (best_model.pth or fold_K/best_model.pth), or a list of them
+                       ) -> list[Path]:
+    "The checkpoint files named by `model_paths`, folds of a folder in fold order."
+    paths = [model_paths] if isinstance(model_paths, (str, Path)) else list(model_paths)
+    if not paths: raise ValueError("No model given: pass at least one model file or folder.")
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            folds = sorted(path.glob("fold_*/best_model.pth"), key=_fold_number)
+            found = [path/"best_model.pth"] if (path/"best_model.pth").is_file() else folds
+            if not found: raise FileNotFoundError(f"No model file in {path}: expected best_model.pth or fold_K/best_model.pth inside.")
+            files += found
+        elif not path.is_file(): raise FileNotFoundError(f"No model file at {path}: pass the best_model.pth written by training.")
+        else: files.append(path)
+    return files
+
 def _model_input_options(config:dict, model_path) -> dict:
     "The dataset options reproducing a checkpoint's preprocessing; refuse what this version cannot apply."
     if not (np.allclose(config["mean"], IMAGENET_MEAN) and np.allclose(config["std"], IMAGENET_STD)):
@@ -99,11 +358,55 @@ def _model_input_options(config:dict, model_path) -> dict:
     try: return preprocessing_options(config["preprocessing"])
     except ValueError as e: raise ValueError(f"{model_path}: {e}") from e
 
-def _save_confusion_png(matrix, class_names, title:str, path:Path):
-    fig = plot_confusion_matrix(matrix, class_names, title)
-    with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+def load_models(model_paths, # see `resolve_model_paths`
+                device:str="cpu", # where to put the models
+               ) -> list[tuple[torch.nn.Module, dict, Path]]:
+    "(model, config, path) of every checkpoint, checked to predict the same task and classes."
+    loaded = [(*load_any_model(path, device=device), path) for path in resolve_model_paths(model_paths)]
+    first = loaded[0][1]
+    for _, config, path in loaded[1:]:
+        differ = [k for k in ("task", "label_columns", "num_classes", "class_names") if config[k] != first[k]]
+        if differ:
+            raise ValueError(f"{path} cannot join an ensemble with {loaded[0][2]}: they differ in {differ} "
+                             f"({[config[k] for k in differ]} vs {[first[k] for k in differ]}).")
+    for _, config, path in loaded: _model_input_options(config, path)
+    return loaded
 
+def ensemble_probs(models:list, # `load_models` result
+                   df:pd.DataFrame, # canonical table of the images
+                   batch_size:int=32, # images per batch
+                   num_workers:int=0, # DataLoader worker processes
+                   device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
+                   tta:str|None=None, # None, 'flips' or 'd4'
+                  ) -> dict[str, np.ndarray]:
+    "{task (label column): probabilities averaged over the models}, each model with its own image size and preprocessing."
+    per_model = []
+    for model, config, path in models:
+        options = dict(batch_size=batch_size, num_workers=num_workers, device=device, tta=tta,
+                       medical_preprocess=_model_input_options(config, path)["medical_preprocess"])
+        if config["task"] == "multitask": per_model.append(predict_task_probs(model, df, config["image_size"], **options))
+        elif config["task"] == "multilabel":
+            per_model.append({"multilabel": predict_probs(model, df, config["image_size"], activation="sigmoid", **options)})
+        else: per_model.append({config["label_columns"][0]: predict_probs(model, df, config["image_size"], **options)})
+    return {task: np.mean([p[task] for p in per_model], axis=0) for task in per_model[0]}
+
+def generalisation_gap(metrics:dict, # the metrics of `evaluate_model` on the new table (before the gap is added)
+                       configs:list[dict], # configs of the evaluated checkpoints (with `valid_metrics` when written by training)
+                      ) -> dict|None:
+    "In-domain validation metrics (mean over the models), the same metrics here, and their difference; None if not recorded."
+    recorded = [c["valid_metrics"] for c in configs if isinstance(c.get("valid_metrics"), dict)]
+    if len(recorded) != len(configs): return None
+    if "tasks" in metrics:
+        here = {f"{t}_{k}": m[k] for t, m in metrics["tasks"].items() for k in ("accuracy", "qwk", "macro_f1")}
+        here.update(joint_accuracy=metrics["joint_accuracy"], score=metrics["score"])
+    elif "per_label" in metrics: here = {k: metrics[k] for k in MULTILABEL_SUMMARY}
+    else: here = {k: metrics[k] for k in ("accuracy", "qwk", "macro_f1")}
+    names = [k for k in here if all(isinstance(r.get(k), (int, float)) for r in recorded)]
+    valid = {k: float(np.mean([r[k] for r in recorded])) for k in names}
+    return {"in_domain_valid": valid, "this_table": {k: here[k] for k in names},
+            "gap": {k: valid[k] - here[k] for k in names}}
+
+# %% ../nbs/08_evaluate.ipynb #f3d64107
 def _checked_labels(df:pd.DataFrame, column:str, num_classes:int, class_names, image_size:int) -> np.ndarray:
     "The labels of `column`, refusing missing and out-of-range ones with the images named."
     labels = FundusDataset(df, column, image_size).labels
@@ -113,51 +416,219 @@ def _checked_labels(df:pd.DataFrame, column:str, num_classes:int, class_names, i
                          f"the model knows {num_classes} classes {class_names}.")
     return labels
 
-def _evaluate_multitask(model, config:dict, model_path, df:pd.DataFrame, output_dir:Path, batch_size:int,
-                        num_workers:int, device:str, medical_preprocess:bool) -> dict:
-    "Per-task metrics, joint accuracy and one confusion matrix per task for a multi-task model."
-    labels = {t: _checked_labels(df, t, k, config["class_names"][t], config["image_size"])
-              for t, k in config["num_classes"].items()}
-    probs = predict_task_probs(model, df, config["image_size"], batch_size, num_workers, device, medical_preprocess)
-    metrics = multitask_metrics(labels, probs, config["class_names"])
-    metrics.update(model_path=str(model_path), task=config["task"], label_columns=list(config["label_columns"]))
-    save_json(_json_ready(metrics), output_dir/"metrics.json")
-    for task, task_metrics in metrics["tasks"].items():
-        _save_confusion_png(task_metrics["confusion_matrix"], config["class_names"][task],
-                            f"{task.upper()}: accuracy {task_metrics['accuracy']:.3f}, QWK {task_metrics['qwk']:.3f}, n={metrics['n']}",
-                            output_dir/f"confusion_matrix_{task}.png")
-    print(f"Evaluated {metrics['n']} images: " + ", ".join(f"{t} accuracy {m['accuracy']:.4f}, {t} qwk {m['qwk']:.4f}"
-                                                            for t, m in metrics["tasks"].items())
-          + f", joint accuracy {metrics['joint_accuracy']:.4f}\nMetrics: {output_dir/'metrics.json'}\n"
-          + "Confusion matrices: " + ", ".join(str(output_dir/f"confusion_matrix_{t}.png") for t in metrics["tasks"]))
+def _one_task(labels:np.ndarray, probs:np.ndarray, class_names:list[str], task:str, target_specificity:float,
+              referable_threshold:float|None, bootstrap:int, seed:int, groups) -> dict:
+    "The metrics of one task, with referable DR for a 5-grade DR task and bootstrap intervals if asked."
+    metrics = task_metrics(labels, probs, class_names)
+    is_dr = task == "dr" and probs.shape[1] == 5
+    if is_dr: metrics["referable"] = referable_metrics(labels, probs, target_specificity, referable_threshold)
+    if bootstrap:
+        fixed_threshold = metrics["referable"]["threshold"] if is_dr else None
+        metrics["ci"] = metric_intervals(labels, probs, bootstrap, seed, groups, fixed_threshold)
     return metrics
 
-def evaluate_model(model_path, # best_model.pth written by training (self-describing)
+def _report_text(metrics:dict, labels:dict, probs:dict, class_names:dict) -> str:
+    "The printed metrics table followed by scikit-learn's classification report of each task."
+    sections = [format_metrics(metrics)]
+    for task, p in probs.items():
+        predicted = (p >= MULTILABEL_THRESHOLD).astype(int) if task == "multilabel" else p.argmax(1)
+        report = classification_report(labels[task], predicted, labels=list(range(p.shape[1])), target_names=class_names[task],
+                                       digits=3, zero_division=0)
+        sections.append(f"scikit-learn classification report ({task}):\n{report}")
+    return "\n\n".join(sections) + "\n"
+
+def _multilabel_metrics(flags:np.ndarray, probs:np.ndarray, label_names:list[str], bootstrap:int, seed:int, groups) -> dict:
+    "`multilabel_metrics` at threshold 0.5, with bootstrap intervals of the summary metrics if asked."
+    metrics = multilabel_metrics(flags, probs, MULTILABEL_THRESHOLD, label_names=label_names)
+    if bootstrap:
+        summary = lambda idx: {k: multilabel_metrics(flags[idx], probs[idx], MULTILABEL_THRESHOLD, label_names)[k]
+                               for k in MULTILABEL_SUMMARY}
+        with np.errstate(divide="ignore", invalid="ignore"): metrics["ci"] = bootstrap_ci(summary, len(flags), bootstrap, seed, groups)
+    return metrics
+
+def evaluate_model(model_path, # best_model.pth written by training, a folder of folds, or a list: an ensemble
                    df:pd.DataFrame, # canonical table of the held-out images with labels
-                   output_dir, # folder for metrics.json and confusion_matrix.png (confusion_matrix_TASK.png per task)
+                   output_dir, # folder for the report files
                    batch_size:int=32, # images per batch
                    num_workers:int=0, # DataLoader worker processes
                    device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
+                   tta:str|None=None, # None, or test-time augmentation views 'flips' / 'd4'
+                   bootstrap:int=0, # number of bootstrap resamples for 95% intervals (0: none)
+                   seed:int=0, # seed of the bootstrap
+                   target_specificity:float=IDX_DR_SPECIFICITY, # referable DR: specificity the operating point must reach
+                   referable_threshold:float|None=None, # referable DR: a threshold fixed on validation data (overrides the target)
                   ) -> dict:
-    "Evaluate a saved model on a labelled table; write metrics.json and confusion matrix image(s) and return the metrics."
-    model, config = load_any_model(model_path, device=device)
-    medical_preprocess = _model_input_options(config, model_path)["medical_preprocess"]
+    "Evaluate saved model(s) on a labelled table; write metrics.json, the report, figures and predictions.csv; return the metrics."
+    models = load_models(model_path, device=device)
+    config, configs = models[0][1], [c for _, c, _ in models]
     if len(df) == 0: raise ValueError("The table to evaluate is empty.")
-    if config["task"] == "multitask":
-        return _evaluate_multitask(model, config, model_path, df, Path(output_dir), batch_size, num_workers, device,
-                                   medical_preprocess)
-    if len(config["label_columns"]) != 1:
-        raise NotImplementedError(f"{model_path} predicts {config['label_columns']}; only single-label models can be evaluated yet.")
-    label_col = config["label_columns"][0]
-    labels = _checked_labels(df, label_col, config["num_classes"], config["class_names"], config["image_size"])
-    probs = predict_probs(model, df, config["image_size"], batch_size, num_workers, device, medical_preprocess)
-    metrics = classification_metrics(labels, probs, config["class_names"])
-    metrics.update(model_path=str(model_path), task=config["task"], label_column=label_col)
+    task = config["task"]
+    if task not in ("dr", "dme", "multitask", "multilabel"):
+        raise NotImplementedError(f"{models[0][2]} is a {task!r} model; evaluation covers the tasks dr, dme, multitask and multilabel.")
+    groups = df["patient_id"].astype(str).to_numpy() if df["patient_id"].notna().all() else None
+    if task == "multilabel":
+        columns = list(config["label_columns"])
+        labels = {"multilabel": FundusDataset(df, columns, config["image_size"]).labels}
+        bad = ~np.isin(labels["multilabel"], (0, 1)).all(1)
+        if bad.any(): raise ValueError(f"The label columns {columns} must hold 0/1 flags; images {df.image_id[bad][:10].tolist()} do not.")
+        class_names = {"multilabel": columns}
+    else:
+        num_classes = config["num_classes"] if task == "multitask" else {config["label_columns"][0]: config["num_classes"]}
+        class_names = config["class_names"] if task == "multitask" else {config["label_columns"][0]: config["class_names"]}
+        labels = {t: _checked_labels(df, t, k, class_names[t], config["image_size"]) for t, k in num_classes.items()}
+    probs = ensemble_probs(models, df, batch_size, num_workers, device, tta)
+    if task == "multilabel": per_task = {"multilabel": _multilabel_metrics(labels["multilabel"], probs["multilabel"], columns, bootstrap, seed, groups)}
+    else: per_task = {t: _one_task(labels[t], probs[t], class_names[t], t, target_specificity, referable_threshold,
+                                   bootstrap, seed, groups) for t in probs}
+    if task == "multitask":
+        joint = multitask_metrics(labels, probs, class_names)
+        metrics = {"tasks": per_task, "joint_accuracy": joint["joint_accuracy"], "score": selection_score(per_task), "n": joint["n"]}
+    else: metrics = next(iter(per_task.values()))
+    gap = generalisation_gap(metrics, configs)
+    if gap is not None: metrics["generalisation_gap"] = gap
+    metrics.update(model_path=str(models[0][2]) if len(models) == 1 else [str(p) for _, _, p in models], task=task,
+                   label_columns=list(config["label_columns"]), tta=tta,
+                   bootstrap={"n_boot": bootstrap, "seed": seed, "resampled": "patients" if groups is not None else "images"} if bootstrap else None)
     output_dir = Path(output_dir)
     save_json(_json_ready(metrics), output_dir/"metrics.json")
-    _save_confusion_png(metrics["confusion_matrix"], config["class_names"],
-                        f"{Path(model_path).name}: QWK {metrics['qwk']:.3f}, accuracy {metrics['accuracy']:.3f}, n={metrics['n']}",
-                        output_dir/"confusion_matrix.png")
-    print(f"Evaluated {metrics['n']} images: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in ["accuracy", "qwk", "macro_f1", "auc_macro"])
-          + f"\nMetrics: {output_dir/'metrics.json'}\nConfusion matrix: {output_dir/'confusion_matrix.png'}")
+    for name, m in per_task.items():
+        suffix = f"_{name}" if task == "multitask" else ""
+        if task == "multilabel":
+            confusion = plot_label_confusion(labels[name], probs[name], class_names[name], MULTILABEL_THRESHOLD)
+            title = f"{task}: macro F1 {m['macro_f1']:.3f}, n={m['n']}"
+        else:
+            title = f"{name.upper()}: QWK {m['qwk']:.3f}, accuracy {m['accuracy']:.3f}, n={m['n']}"
+            confusion = plot_confusion_matrix(m["confusion_matrix"], class_names[name], title)
+        _save_png(confusion, output_dir/f"confusion_matrix{suffix}.png")
+        _save_png(plot_roc_curves(labels[name], probs[name], class_names[name], m.get("referable"), f"{title.split(':')[0]}: ROC curves"),
+                  output_dir/f"roc_curves{suffix}.png")
+    with atomic_write(output_dir/"classification_report.txt", "w") as f: f.write(_report_text(metrics, labels, probs, class_names))
+    with atomic_write(output_dir/"predictions.csv", "w") as f:
+        predictions_table(df, probs, class_names.get("multilabel")).to_csv(f, index=False)
     return metrics
+
+def report_files(metrics:dict, # the result of `evaluate_model`
+                ) -> list[str]:
+    "Names of the files `evaluate_model` wrote for these metrics."
+    suffixes = [f"_{t}" for t in metrics["tasks"]] if "tasks" in metrics else [""]
+    return (["metrics.json"] + [f"confusion_matrix{s}.png" for s in suffixes] + [f"roc_curves{s}.png" for s in suffixes]
+            + ["classification_report.txt", "predictions.csv"])
+
+# %% ../nbs/08_evaluate.ipynb #a176dbc8
+def _number(value, digits:int=4) -> str:
+    "`value` with `digits` decimals, or 'n/a' for None/NaN."
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+SUMMARY_NAMES = {"accuracy": "accuracy", "qwk": "quadratic weighted kappa", "macro_f1": "macro F1", "micro_f1": "micro F1",
+                 "auc_macro": "macro AUROC", "aupr_macro": "macro AUPR", "ece": "calibration error (ECE)",
+                 "odir_score": "ODIR-5K score"}
+
+def format_metrics(metrics:dict, # the result of `evaluate_model` / `classification_metrics` / `multitask_metrics`
+                  ) -> str:
+    "A text table of the summary metrics and, when present, the per-class report; one per task for a multi-task result."
+    if "tasks" in metrics:
+        sections = [f"== {task.upper()} ==\n" + format_metrics({**m, "n": metrics["n"]}) for task, m in metrics["tasks"].items()]
+        lines = ["\n\n".join(sections + [f"{'joint accuracy (all tasks right)':<34}{_number(metrics['joint_accuracy']):>8}"])]
+        return "\n".join(lines + _gap_lines(metrics.get("generalisation_gap")))
+    ci = metrics.get("ci") or {}
+    interval = lambda key: f"  [{_number(ci[key]['low'])}, {_number(ci[key]['high'])}]" if key in ci else ""
+    lines = [f"{label:<26}{_number(metrics[key]):>8}{interval(key)}" for key, label in SUMMARY_NAMES.items() if key in metrics]
+    lines.append(f"{'images':<26}{metrics['n']:>8}")
+    per_label = metrics.get("per_label")
+    if per_label:
+        width = max(len("label"), *map(len, per_label))
+        lines += ["", f"{'label':<{width}}  precision  recall      f1  support     auc  threshold"]
+        lines += [f"{name:<{width}}  {_number(m['precision'], 3):>9}  {_number(m['recall'], 3):>6}  {_number(m['f1'], 3):>6}"
+                  f"  {m['support']:>7}  {_number(m['auc'], 3):>6}  {_number(m['threshold'], 2):>9}" for name, m in per_label.items()]
+    per_class = metrics.get("per_class")
+    if per_class:
+        width = max(len("class"), *map(len, per_class))
+        lines += ["", f"{'class':<{width}}  precision  recall      f1  support     auc"]
+        lines += [f"{name:<{width}}  {_number(m['precision'], 3):>9}  {_number(m['recall'], 3):>6}  {_number(m['f1'], 3):>6}"
+                  f"  {m['support']:>7}  {_number(m['auc'], 3):>6}" for name, m in per_class.items()]
+    referable = metrics.get("referable")
+    if referable:
+        lines += ["", f"referable DR (grade >= 2; {referable['n_referable']} of {metrics['n']} images): "
+                      f"AUROC {_number(referable['auc'])}{interval('referable_auc')}",
+                  f"  refer when score >= {_number(referable['threshold'])} (target specificity {_number(referable['target_specificity'], 3)}): "
+                  f"sensitivity {_number(referable['sensitivity'])}{interval('referable_sensitivity')}, "
+                  f"specificity {_number(referable['specificity'])}{interval('referable_specificity')}"]
+    return "\n".join(lines + _gap_lines(metrics.get("generalisation_gap")))
+
+def _gap_lines(gap:dict|None) -> list[str]:
+    "Lines of the generalisation gap table (validation in domain, this table, difference)."
+    if not gap: return []
+    return (["", f"{'generalisation gap':<26}{'valid':>8}{'here':>8}{'gap':>8}"]
+            + [f"{name:<26}{_number(gap['in_domain_valid'][name]):>8}{_number(gap['this_table'][name]):>8}{_number(gap['gap'][name]):>8}"
+               for name in gap["gap"]])
+
+# %% ../nbs/08_evaluate.ipynb #325a73ce
+def cross_dataset_evaluation(train_df:pd.DataFrame, # canonical table of the training dataset
+                             test_df:pd.DataFrame, # canonical table of another dataset, with labels
+                             save_dir, # folder for the trained model; the report goes to save_dir/cross_dataset
+                             evaluate_kwargs:dict|None=None, # more `evaluate_model` arguments (tta, bootstrap, ...)
+                             **train_kwargs, # `fundus_lab.train.train_model` arguments (task, model_name, epochs, ...)
+                            ) -> dict:
+    "Train on `train_df`, evaluate on `test_df`; the metrics carry the generalisation gap (in-domain validation minus cross-dataset)."
+    trained = train_model(train_df, save_dir, **train_kwargs)
+    options = {"device": train_kwargs.get("device", "auto"), **(evaluate_kwargs or {})}
+    return evaluate_model(trained["best_model_path"], test_df, Path(save_dir)/"cross_dataset", **options)
+
+# %% ../nbs/08_evaluate.ipynb #c90ba1cb
+def _evaluate_arguments(parser:argparse.ArgumentParser):
+    _dataset_arguments(parser, "held-out")
+    parser.add_argument("--model-path", type=Path, nargs="+", required=True,
+                        help="best_model.pth written by `fundus-lab train`; several files, or a folder of fold_K/best_model.pth, "
+                             "are evaluated as an ensemble (probabilities averaged)")
+    parser.add_argument("--output-dir", type=Path,
+                        help="folder for the report files (default: an evaluation/ folder beside the (first) model)")
+    parser.add_argument("--tta", choices=tuple(TTA_VIEWS),
+                        help="test-time augmentation: average the probabilities over flips (4 views) or d4 (8 flips and "
+                             "rotations) (default: none)")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=0,
+                        help="resamples for 95%% percentile confidence intervals, by patient when the table has "
+                             "patient ids; 0 = none, 1000 is usual (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: %(default)s)")
+    parser.add_argument("--target-specificity", type=fraction, default=IDX_DR_SPECIFICITY,
+                        help="referable DR: the operating point is the threshold on the referable score reaching this "
+                             "specificity, chosen on these images (optimistic; see --referable-threshold); the default is "
+                             "the IDx-DR pivotal trial's specificity (default: %(default)s)")
+    parser.add_argument("--referable-threshold", type=fraction,
+                        help="referable DR: a threshold fixed beforehand on validation data, applied unchanged "
+                             "(overrides --target-specificity)")
+    _loader_arguments(parser, batch_size=32)
+
+@command("evaluate", "score a trained model on held-out images",
+         """Evaluate a model written by `fundus-lab train` (or an ensemble of several, e.g. the folds of a
+         cross-validation) on labelled images it has not seen. The images are checked first and prepared exactly
+         as in training (the model file records how). Prints the metrics and writes to OUTPUT_DIR: metrics.json
+         (accuracy, quadratic weighted kappa, macro F1, macro AUROC and AUPR, calibration error, per-class report,
+         confusion matrix; for DR the referable-DR AUROC and the sensitivity and specificity at the operating point;
+         with --bootstrap their 95% intervals; and the generalisation gap to the model's own validation metrics),
+         classification_report.txt, confusion_matrix.png, roc_curves.png and predictions.csv (one row per image
+         with its probabilities).
+
+         For a multi-task model (trained with --task multitask) the metrics are given per task (DR and DME), with
+         the joint accuracy (both grades right, the IDRiD challenge's measure), and there is one confusion
+         matrix and one ROC figure per task: confusion_matrix_dr.png, confusion_matrix_dme.png, roc_curves_dr.png,
+         roc_curves_dme.png.
+
+         For a multi-label model (task multilabel, the seven ODIR-5K diseases) the metrics are macro and micro F1,
+         macro AUROC, the ODIR-5K score and a per-label report at threshold 0.5; confusion_matrix.png holds one
+         2 x 2 matrix per label.""",
+         _evaluate_arguments,
+         "fundus-lab evaluate --labels-csv test/labels.csv --img-dir test/images --model-path runs/aptos/best_model.pth --bootstrap 1000")
+def cmd_evaluate(args:argparse.Namespace) -> int:
+    "Check the held-out dataset, run `evaluate_model` and print the metrics table."
+    _check_device(args.device)
+    paths = resolve_model_paths(args.model_path)
+    _, config = load_any_model(paths[0])
+    df = _read_checked(args, config["task"], "evaluated")
+    output_dir = args.output_dir or (args.model_path[0] if args.model_path[0].is_dir() else args.model_path[0].parent)/"evaluation"
+    print(f"Evaluating {len(paths)} model{'s' if len(paths) > 1 else ''} on {len(df)} images"
+          + (f" with {args.tta} test-time augmentation" if args.tta else "") + " ...", flush=True)
+    metrics = evaluate_model(paths, df, output_dir, batch_size=args.batch_size, num_workers=args.num_workers,
+                             device=args.device, tta=args.tta, bootstrap=args.bootstrap, seed=args.seed,
+                             target_specificity=args.target_specificity, referable_threshold=args.referable_threshold)
+    print(f"\n{format_metrics(metrics)}\n\nResults in {output_dir}: {', '.join(report_files(metrics))}")
+    return 0

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .core import atomic_write, get_device, set_seed, torch_save_atomic
+from .lora import vit_lora_trainable_count
 
 # %% auto #0
 __all__ = ['RETFOUND_ARCH', 'LORA_TARGETS', 'retfound_vit', 'random_retfound_checkpoint', 'CheckpointError', 'read_checkpoint',
@@ -268,17 +269,14 @@ LORA_TARGETS = {"qkv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}  # la
 def lora_trainable_count(embed_dim:int, # ViT width d
                          depth:int, # number of blocks
                          r:int, # LoRA rank
-                         target_modules=("qkv",), # adapted layers of each block
+                         target_modules=("qkv",), # adapted layers of each block (names of LORA_TARGETS)
                          num_classes:int=5, # head outputs (0: no head)
                          mlp_ratio:float=4.0, # MLP width / d
                          fc_norm:bool=True, # fc_norm trained too
                         ) -> int:
-    "Trainable numbers of a LoRA-adapted ViT: r*(in+out) per adapted layer, plus head and fc_norm."
-    hidden = int(embed_dim * mlp_ratio)
-    shapes = {"qkv": (embed_dim, 3*embed_dim), "proj": (embed_dim, embed_dim),
-              "fc1": (embed_dim, hidden), "fc2": (hidden, embed_dim)}
-    lora = depth * sum(r * sum(shapes[t]) for t in target_modules)
-    return lora + (embed_dim*num_classes + num_classes if num_classes else 0) + (2*embed_dim if fc_norm else 0)
+    "Trainable numbers of a `RETFoundLoRA`: `fundus_lab.lora.vit_lora_trainable_count` with this chapter's target names."
+    targets = tuple(f"{LORA_TARGETS[t]}.{t}" if t != "qkv" else t for t in target_modules)
+    return vit_lora_trainable_count(embed_dim, depth, r, targets, num_classes, fc_norm, mlp_ratio)
 
 # %% ../nbs/14_retfound.ipynb #b7b8e43e
 class RETFoundLoRA(nn.Module):
