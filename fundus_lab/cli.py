@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/cli.html.md"""
 
 # %% ../nbs/09_cli.ipynb #9cfabcdf
 from __future__ import annotations
-import argparse, contextlib, importlib, sys, textwrap
+import argparse, contextlib, importlib, json, sys, textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,19 +16,35 @@ from fastcore.imports import in_ipython
 from . import __version__
 
 # %% auto #0
-__all__ = ['SYNTH_TASKS', 'DR_PRIOR_NAMES', 'FORMATS', 'TASK_CHOICES', 'TRAIN_TASK_CHOICES', 'LOSS_CHOICES', 'DEFAULT_MODEL_NAME',
-           'COMMANDS', 'USER_ERRORS', 'LAZY_COMMANDS', 'Command', 'command', 'positive_int', 'non_negative_int',
-           'positive_float', 'fraction', 'non_negative_float', 'probability', 'CommandError', 'load_command',
-           'build_parser', 'main', 'cmd_synth', 'cmd_train']
+__all__ = ['SYNTH_TASKS', 'DR_PRIOR_NAMES', 'FORMATS', 'TASK_CHOICES', 'TRAIN_TASK_CHOICES', 'LOSS_CHOICES', 'SCHEDULE_CHOICES',
+           'UNFREEZE_CHOICES', 'PRECISION_CHOICES', 'DEFAULT_MODEL_NAME', 'TRAIN_DEFAULTS', 'RUN_DEFAULTS',
+           'TRACKER_CHOICES', 'COMMANDS', 'USER_ERRORS', 'LAZY_COMMANDS', 'Command', 'command', 'positive_int',
+           'non_negative_int', 'positive_float', 'fraction', 'non_negative_float', 'probability', 'json_object',
+           'precision_mode', 'at_least_two', 'CommandError', 'load_command', 'build_parser', 'main', 'cmd_synth',
+           'train_options', 'cmd_train']
 
 # %% ../nbs/09_cli.ipynb #0030a67d
 SYNTH_TASKS = ("dr", "dme", "multitask", "multilabel")
 DR_PRIOR_NAMES = ("balanced", "aptos")
 FORMATS = ("aptos", "eyepacs", "idrid", "messidor2", "odir", "canonical")
 TASK_CHOICES = ("dr", "dme", "multitask", "multilabel")
-TRAIN_TASK_CHOICES = ("dr", "multitask")
-LOSS_CHOICES = ("ce", "weighted_ce", "focal", "cb_focal", "smooth_modulation")
+TRAIN_TASK_CHOICES = ("dr", "multitask", "multilabel")
+LOSS_CHOICES = ("ce", "weighted_ce", "focal", "cb_focal", "smooth_modulation", "sigmoid_focal", "adaptive_focal", "asymmetric", "bce")
+SCHEDULE_CHOICES = ("one_cycle", "cosine")
+UNFREEZE_CHOICES = ("none", "gradual")
+PRECISION_CHOICES = ("no", "auto", "fp16", "bf16")
 DEFAULT_MODEL_NAME = "tf_efficientnet_lite0"
+TRAIN_DEFAULTS = {
+    "task": "dr", "model_name": DEFAULT_MODEL_NAME, "num_classes": None, "pretrained": True, "image_size": 224,
+    "batch_size": 16, "num_workers": 0, "device": "auto", "epochs": 10, "lr": 1e-3, "val_split": 0.2, "random_seed": 42,
+    "dropout": 0.2, "loss": None, "focal_gamma": 2.0, "loss_params": None, "advanced_aug": False,
+    "medical_preprocess": False, "cache_dir": None, "two_stage": False, "epochs_stage1": 5, "epochs_stage2": 25,
+    "lr_stage1": 1e-3, "lr_stage2": 1e-4, "weight_decay": 0.01, "mixed_precision": "no", "patience": None,
+    "save_freq": 0, "resume": None, "schedule": "one_cycle", "eta_min": 0.0, "warmup_epochs": 0.0, "grad_clip": None,
+    "unfreeze": "none", "lora_r": None, "lora_alpha": 16.0, "lora_dropout": 0.0,
+}
+RUN_DEFAULTS = {"save_dir": Path("runs/latest"), "folds": None, "tracker": "csv", "tracking_uri": None, "experiment": None}
+TRACKER_CHOICES = ("csv", "mlflow", "wandb")
 
 # %% ../nbs/09_cli.ipynb #81f94acc
 @dataclass
@@ -96,6 +112,28 @@ def probability(text:str, # the option value as typed
     "A number from 0 up to (not including) 1 (e.g. a dropout rate)."
     value = float(text)
     if not 0 <= value < 1: raise argparse.ArgumentTypeError(f"{text} is not in [0, 1) (e.g. 0.2)")
+    return value
+
+def json_object(text:str, # the option value as typed, e.g. '{"alpha": 0.25}'
+               ) -> dict:
+    "A JSON object (for options that take a mapping of names to values)."
+    try: value = json.loads(text)
+    except json.JSONDecodeError as e: raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict): raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"alpha\": 0.25}}'")
+    return value
+
+def precision_mode(text:str, # the option value as typed: no, auto, fp16, bf16 (or yes/true/on = auto, false/off = no)
+                  ) -> str:
+    "A mixed-precision mode of `train_model`."
+    value = {"true": "auto", "yes": "auto", "on": "auto", "false": "no", "off": "no"}.get(text.lower(), text.lower())
+    if value not in PRECISION_CHOICES: raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(PRECISION_CHOICES)}")
+    return value
+
+def at_least_two(text:str, # the option value as typed
+                ) -> int:
+    "An integer >= 2 (e.g. a number of folds)."
+    value = int(text)
+    if value < 2: raise argparse.ArgumentTypeError(f"{text} is less than 2 (cross-validation needs at least 2 folds)")
     return value
 
 # %% ../nbs/09_cli.ipynb #3538c630
@@ -225,41 +263,89 @@ def _loader_arguments(parser:argparse.ArgumentParser, batch_size:int):
                         help="'auto' (CUDA, then Apple MPS, then CPU), 'cuda', 'cuda:N', 'mps' or 'cpu' (default: %(default)s)")
 
 def _train_arguments(parser:argparse.ArgumentParser):
-    _dataset_arguments(parser, "training")
-    parser.add_argument("--task", choices=TRAIN_TASK_CHOICES, default="dr",
-                        help="what to learn: dr = the DR grade (5 classes); multitask = DR grade and DME risk (3 classes) "
-                             "with one backbone and uncertainty-weighted losses, e.g. on IDRiD (default: %(default)s)")
-    parser.add_argument("--save-dir", type=Path, default=Path("runs/latest"),
-                        help="folder for best_model.pth, training_history.json and config.json (default: %(default)s)")
-    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
-                        help="timm architecture; the default ships its ImageNet weights with fundus-lab (default: %(default)s)")
-    parser.add_argument("--num-classes", type=positive_int,
-                        help="number of classes (default: from the task, 5 for dr; fixed for multitask)")
-    parser.add_argument("--image-size", type=positive_int, default=224, help="side of the square network input in pixels (default: %(default)s)")
-    _loader_arguments(parser, batch_size=16)
-    parser.add_argument("--epochs", type=positive_int, default=10, help="passes over the training images (default: %(default)s)")
-    parser.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate of the one-cycle schedule (default: %(default)s)")
-    parser.add_argument("--val-split", type=fraction, default=0.2,
-                        help="share of patients held out for validation; both eyes of a patient stay together (default: %(default)s)")
-    parser.add_argument("--random-seed", type=int, default=42,
-                        help="seed for the split, initialisation, shuffling and augmentation (default: %(default)s)")
-    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                        help="start from ImageNet weights; --no-pretrained starts from random weights (default: pretrained)")
-    parser.add_argument("--dropout", type=probability, default=0.2, help="dropout before the classification layer (default: %(default)s)")
-    parser.add_argument("--loss", choices=LOSS_CHOICES, default="ce",
-                        help="training loss (for each task with --task multitask): ce = cross-entropy, weighted_ce = "
-                             "inverse-frequency class weights, focal, cb_focal = focal with class-balanced weights, "
-                             "smooth_modulation = class weights switched in over the epochs; class weights come from "
-                             "the training split (default: %(default)s)")
-    parser.add_argument("--focal-gamma", type=non_negative_float, default=2.0,
-                        help="focusing parameter gamma of focal and cb_focal; 0 gives cross-entropy (default: %(default)s)")
-    parser.add_argument("--advanced-aug", action=argparse.BooleanOptionalAction, default=False,
-                        help="train with the heavy augmentation pipeline instead of the light one (default: light)")
-    parser.add_argument("--medical-preprocess", action=argparse.BooleanOptionalAction, default=False,
-                        help="CLAHE on the lightness channel of every image, recorded in the model file (default: off)")
-    parser.add_argument("--cache-dir", type=Path,
-                        help="folder for a cache of cropped, resized images, built on the first run and reused while "
-                             "the settings stay the same (default: no cache, images prepared on the fly)")
+    def option(flag, help, **kwargs):
+        "An option of the current `group` whose value stays None unless typed (so a --config file can supply it)."
+        name = flag.lstrip("-").replace("-", "_")
+        default = TRAIN_DEFAULTS.get(name, RUN_DEFAULTS.get(name))
+        shown = "on" if default is True else "off" if default is False else "none" if default is None else default
+        group.add_argument(flag, default=None, help=f"{help} (default: {shown})", **kwargs)
+    def switch(flag, help): option(flag, help, action=argparse.BooleanOptionalAction)
+
+    group = parser.add_argument_group("data and run")
+    _dataset_arguments(group, "training")
+    group.add_argument("--config", metavar="FILE_OR_NAME",
+                        help="YAML file of training options (flag names as keys, with dashes or underscores), or the name "
+                             "of a packaged recipe such as aptos_cpu; options typed on the command line win")
+    option("--task", "what to learn: dr = the DR grade (5 classes); multitask = DR grade and DME risk (3 classes) with one "
+           "backbone and uncertainty-weighted losses, e.g. on IDRiD; multilabel = disease flags of ODIR-style data",
+           choices=TRAIN_TASK_CHOICES)
+    option("--save-dir", "folder for best_model.pth, training_history.json, config.json, history.csv and "
+           "train_options.yaml; with --folds, one fold_K folder per fold and cv_summary.json", type=Path)
+    option("--val-split", "share of patients held out for validation; both eyes of a patient stay together", type=fraction)
+    option("--random-seed", "seed for the split, initialisation, shuffling and augmentation", type=int)
+    option("--folds", "patient-stratified K-fold cross-validation: train K models, fold_0 ... fold_{K-1}, and write the "
+           "mean and standard deviation of their best metrics to cv_summary.json (--val-split is then unused)",
+           type=at_least_two, metavar="K")
+    option("--cache-dir", "folder for a cache of cropped, resized images, built on the first run and reused while the "
+           "settings stay the same", type=Path)
+
+    group = parser.add_argument_group("model")
+    option("--model-name", "timm architecture; the default ships its ImageNet weights with fundus-lab")
+    option("--num-classes", "number of classes (from the task: 5 for dr, 7 for multilabel; fixed for multitask)", type=positive_int)
+    switch("--pretrained", "start from ImageNet weights; --no-pretrained starts from random weights")
+    option("--dropout", "dropout before the classification layer", type=probability)
+    option("--image-size", "side of the square network input in pixels", type=positive_int)
+    option("--resume", "continue an interrupted run from its last_checkpoint.pth (or a checkpoint_epoch_N.pth); the "
+           "other options must match that run's", type=Path)
+    option("--lora-r", "rank of LoRA adapters on the qkv layers of a ViT backbone; none: full fine-tuning",
+           type=positive_int)
+    option("--lora-alpha", "LoRA scaling numerator alpha (the update is scaled by alpha / r)", type=positive_float)
+    option("--lora-dropout", "dropout on the input of the LoRA adapters", type=probability)
+
+    group = parser.add_argument_group("training schedule")
+    option("--epochs", "passes over the training images (single-stage training)", type=positive_int)
+    option("--lr", "peak learning rate (single-stage training)", type=positive_float)
+    switch("--two-stage", "stage 1 trains the head with the backbone frozen, stage 2 fine-tunes the whole network")
+    option("--epochs-stage1", "epochs of stage 1 (frozen backbone)", type=positive_int)
+    option("--epochs-stage2", "epochs of stage 2 (whole network)", type=positive_int)
+    option("--lr-stage1", "learning rate of stage 1", type=positive_float)
+    option("--lr-stage2", "learning rate of stage 2 (lower, for fine-tuning)", type=positive_float)
+    option("--weight-decay", "decoupled (AdamW) weight decay", type=non_negative_float)
+    option("--schedule", "learning-rate schedule of each stage: one_cycle (warm-up then cosine annealing, fastai) or "
+           "cosine (cosine annealing to --eta-min after --warmup-epochs of linear warm-up)", choices=SCHEDULE_CHOICES)
+    option("--warmup-epochs", "epochs of linear learning-rate warm-up of the cosine schedule", type=non_negative_float)
+    option("--eta-min", "lowest learning rate of the cosine schedule", type=non_negative_float)
+    option("--grad-clip", "clip the gradient norm to this value; none: no clipping", type=positive_float)
+    option("--unfreeze", "none = the whole network trains at once; gradual = the backbone is unfrozen from the top "
+           "in four phases", choices=UNFREEZE_CHOICES)
+    option("--patience", "stop after this many epochs without improvement of the validation metric; 0 or none: never",
+           type=non_negative_int)
+    option("--save-freq", "also save a resumable checkpoint every N epochs (checkpoint_epoch_N.pth); 0: only "
+           "last_checkpoint.pth", type=non_negative_int)
+    option("--mixed-precision", "automatic mixed precision; the flag alone means auto (float16 on CUDA, bfloat16 where "
+           "supported); or no, fp16, bf16", type=precision_mode, nargs="?", const="auto", metavar="MODE")
+
+    group = parser.add_argument_group("loss and augmentation")
+    option("--loss", "training loss (none: ce, adaptive_focal for multilabel): ce = cross-entropy, weighted_ce = inverse-frequency class weights, focal, cb_focal = "
+           "focal with class-balanced weights, smooth_modulation = class weights switched in over the epochs (for each task "
+           "with --task multitask); multilabel: sigmoid_focal, adaptive_focal, asymmetric, bce. Class weights come from the "
+           "training split", choices=LOSS_CHOICES)
+    option("--focal-gamma", "focusing parameter gamma of the focal losses; 0 gives cross-entropy", type=non_negative_float)
+    option("--loss-params", "more loss parameters as a JSON object, e.g. '{\"alpha\": 0.25}'", type=json_object)
+    switch("--advanced-aug", "train with the heavy augmentation pipeline instead of the light one")
+    switch("--medical-preprocess", "CLAHE on the lightness channel of every image, recorded in the model file")
+
+    group = parser.add_argument_group("loading and device")
+    option("--batch-size", "images per batch", type=positive_int)
+    option("--num-workers", "DataLoader worker processes; 0 loads images in the main process", type=non_negative_int)
+    option("--device", "'auto' (CUDA, then Apple MPS, then CPU), 'cuda', 'cuda:N', 'mps' or 'cpu'")
+
+    group = parser.add_argument_group("tracking")
+    option("--tracker", "where the run is recorded besides training_history.json: csv = SAVE_DIR/history.csv only; "
+           "mlflow = also an MLflow run (parameters, per-epoch metrics, result files); wandb = also Weights & Biases",
+           choices=TRACKER_CHOICES)
+    option("--tracking-uri", "MLflow tracking URI or local folder (none: SAVE_DIR/mlruns)")
+    option("--experiment", "MLflow experiment or W&B project name (none: fundus-lab)")
 
 def _check_device(name:str):
     "Raise CommandError when the device `name` is not available here."
@@ -289,6 +375,35 @@ def _read_checked(args:argparse.Namespace, task:str, purpose:str):
                            "labels table) and run the command again.") from e
 
 # %% ../nbs/09_cli.ipynb #b56d0948
+def _train_parser() -> argparse.ArgumentParser:
+    "A parser with the options of `fundus-lab train` alone."
+    parser = argparse.ArgumentParser(prog="fundus-lab train", add_help=False)
+    _train_arguments(parser)
+    return parser
+
+def _config_value(action:argparse.Action, value, source:str):
+    "A value of a --config file, checked and converted like the same option typed on the command line."
+    flag = action.option_strings[0]
+    if action.type is not None and isinstance(value, (str, int, float, Path)):
+        try: value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e: raise CommandError(f"{source}: {flag}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise CommandError(f"{source}: {flag}: invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
+    return value
+
+def train_options(args:argparse.Namespace, # parsed `fundus-lab train` arguments
+                 ) -> dict:
+    "The options of a train command: those of its --config file, overridden by those typed on the command line."
+    from fundus_lab.experiments import config_path, load_training_config
+    actions = {a.dest: a for a in _train_parser()._actions if a.option_strings and a.dest != "config"}
+    options = {}
+    if args.config is not None:
+        source = str(config_path(args.config))
+        for key, value in load_training_config(args.config).items():
+            options[key] = value if key not in actions else _config_value(actions[key], value, source)
+    options.update({k: getattr(args, k) for k in actions if getattr(args, k, None) is not None})
+    return options
+
 @command("train", "check a dataset and train a grading model on it",
          """Train a fundus grading model. The dataset is checked first: every row needs a valid label and an
          image file that decodes completely; if anything is wrong, the command lists every bad row and file and
@@ -301,33 +416,62 @@ def _read_checked(args:argparse.Namespace, task:str, purpose:str):
          --task multitask learns the DR grade and the DME risk of IDRiD-style labels with one backbone and two
          heads; the two losses are weighted by learned task uncertainties (log-variances), the history records
          the metrics of each task, the joint accuracy and the learned weights, and the checkpoint kept is the one
-         with the best mean of DR kappa and DME accuracy.""",
+         with the best mean of DR kappa and DME accuracy.
+
+         --config FILE.yaml (or the name of a packaged recipe, e.g. aptos_cpu) supplies any of the options below;
+         an option typed on the command line wins over the file. The options used are written to
+         SAVE_DIR/train_options.yaml, which --config accepts to repeat the run.
+
+         --two-stage trains the head with the backbone frozen, then the whole network; --patience stops early,
+         --save-freq keeps periodic checkpoints, --resume starts from a checkpoint. --folds K runs patient-stratified
+         K-fold cross-validation instead of one split. Every run logs each epoch to SAVE_DIR/history.csv;
+         --tracker mlflow also records it in MLflow (by default a local store in SAVE_DIR/mlruns), --tracker wandb
+         in Weights & Biases.""",
          _train_arguments,
          "fundus-lab train --labels-csv data/labels.csv --img-dir data/images --save-dir runs/aptos --epochs 10")
 def cmd_train(args:argparse.Namespace) -> int:
-    "Check the dataset, train with `fundus_lab.train.train_model` and say where the results are."
-    import timm
-    _check_device(args.device)
-    if not timm.is_model(args.model_name):
-        raise CommandError(f"--model-name: unknown architecture {args.model_name!r}; use a timm model name "
-                           f"(python -c 'import timm; print(timm.list_models())' lists them), e.g. {DEFAULT_MODEL_NAME!r}.")
-    df = _read_checked(args, args.task, "trained")
+    "Check the dataset, train (or cross-validate) with `fundus_lab.experiments` and say where the results are."
+    import importlib.util, inspect, timm
     from fundus_lab.train import train_model
+    options = train_options(args)
+    run = {k: options.pop(k, default) for k, default in RUN_DEFAULTS.items()}
+    data = argparse.Namespace(**{k: options.pop(k, None) for k in ("labels_csv", "img_dir", "format")})
+    supported = inspect.signature(train_model).parameters
+    for key in options:
+        if key not in supported:
+            raise CommandError(f"--{key.replace('_', '-')}: this version of fundus_lab.train has no {key!r} option; "
+                               "leave it out or update fundus-lab.")
+    _check_device(options.get("device", TRAIN_DEFAULTS["device"]))
+    model_name = options.get("model_name", DEFAULT_MODEL_NAME)
+    if not timm.is_model(model_name):
+        raise CommandError(f"--model-name: unknown architecture {model_name!r}; use a timm model name "
+                           f"(python -c 'import timm; print(timm.list_models())' lists them), e.g. {DEFAULT_MODEL_NAME!r}.")
+    if run["tracker"] != "csv" and importlib.util.find_spec(run["tracker"]) is None:
+        package = "mlflow-skinny" if run["tracker"] == "mlflow" else "wandb"
+        raise CommandError(f"--tracker {run['tracker']}: the {run['tracker']} package is not installed; "
+                           f"pip install {package}, or use --tracker csv.")
+    df = _read_checked(data, options.get("task", TRAIN_DEFAULTS["task"]), "trained")
+    from fundus_lab.experiments import save_training_config, train_experiment, train_folds
+    save_dir, folds = Path(run.pop("save_dir")), run.pop("folds")
     try:
         with _console_bars(sys.stdout.isatty()):
-            result = train_model(df, args.save_dir, task=args.task, model_name=args.model_name, num_classes=args.num_classes,
-                                 image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-                                 val_split=args.val_split, random_seed=args.random_seed, num_workers=args.num_workers,
-                                 pretrained=args.pretrained, device=args.device, dropout=args.dropout,
-                                 loss=args.loss, focal_gamma=args.focal_gamma, advanced_aug=args.advanced_aug,
-                                 medical_preprocess=args.medical_preprocess, cache_dir=args.cache_dir)
+            if folds is None: result = train_experiment(df, save_dir, **run, **options)
+            else: result = train_folds(df, save_dir, folds=folds, **run, **options)
     except RuntimeError as e:
         if not isinstance(e.__cause__, OSError): raise
         raise CommandError(str(e)) from e
-    written = ", ".join(Path(result[k]).name for k in ("best_model_path", "history_path", "config_path") if k in result)
-    print(f"\nResults in {args.save_dir}: {written}\n"
-          f"Evaluate the model on held-out images: fundus-lab evaluate --model-path {result['best_model_path']} "
-          "--labels-csv TEST.csv --img-dir TEST_IMAGES")
+    recorded = {k: Path(v).absolute() if k != "format" else v for k, v in vars(data).items() if v is not None}
+    tracking = {k: v for k, v in run.items() if v is not None}
+    save_training_config({**recorded, **({"folds": folds} if folds else {}), **tracking, **options}, save_dir/"train_options.yaml")
+    if folds is None:
+        written = ", ".join(Path(result[k]).name for k in ("best_model_path", "history_path", "config_path") if k in result)
+        print(f"\nResults in {save_dir}: {written}, history.csv, train_options.yaml\n"
+              f"Evaluate the model on held-out images: fundus-lab evaluate --model-path {result['best_model_path']} "
+              "--labels-csv TEST.csv --img-dir TEST_IMAGES")
+    else:
+        print(f"\nResults in {save_dir}: fold_0 ... fold_{folds - 1}, cv_summary.json, train_options.yaml")
+    if run["tracker"] == "mlflow" and run["tracking_uri"] is None:
+        print(f"MLflow store: {save_dir/'mlruns'} (mlflow ui --backend-store-uri sqlite:///{(save_dir/'mlruns/mlflow.db').absolute()})")
     return 0
 
 # %% ../nbs/09_cli.ipynb #1ef76d4e
