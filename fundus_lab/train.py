@@ -1,4 +1,4 @@
-"""The first end-to-end slice: fundus photographs to a fastai `Learner`, trained with the one-cycle policy, with the best model by validation QWK saved as a self-describing checkpoint.
+"""Fundus photographs to a fastai `Learner`: DR, DR + DME and multi-label training with one or two stages, one-cycle or cosine schedules, LoRA, mixed precision, early stopping, and checkpoints that resume a run exactly.
 
 Docs: https://fundus-lab.github.io/fundus-lab/train.html.md"""
 
@@ -12,31 +12,42 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import timm
 import torch
+from fastcore.foundation import L
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in torch 2.14 and pandas 3
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
     from fastai.callback import schedule as _one_cycle_schedule  # adds Learner.fit_one_cycle
-    from fastai.callback.core import Callback
+    from fastai.callback.core import Callback, CancelFitException
+    from fastai.callback.training import GradientClip
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
     from fastai.optimizer import Adam
 
 from .augment import AUGMENT_STRENGTHS, get_transforms, train_transform, valid_transform
 from .cache import build_cache
-from .core import IMAGENET_MEAN, IMAGENET_STD, get_device, save_json, set_seed
-from .data import DME_GRADES, DR_GRADES, TASKS, patient_split, read_rgb
-from .losses import MULTICLASS_LOSSES, make_loss
+from .checkpoints import (DeviceMixedPrecision, GradualUnfreeze, StopOnNonFiniteLoss, add_lora, backbone_splitter,
+                                    cosine_scheduler, load_training_checkpoint, merged_copy, peak_memory_mb, reset_peak_memory,
+                                    resolve_precision, restore_rng_state, rng_state, save_training_checkpoint)
+from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, get_device, save_json, set_seed
+from .device import distributed_context, is_main_process
+from .data import DME_GRADES, DR_GRADES, ODIR_NAMES, TASKS, UNIFIED_LABELS, patient_split, read_rgb
+from .losses import (MULTICLASS_LOSSES, MULTILABEL_LOSSES, class_balanced_weights, inverse_frequency_weights,
+                               make_loss)
 from .metrics import fastai_metrics
 from .models import DEFAULT_MODEL, DRClassifier
-from .multitask import MultiTaskClassifier, TaskLossTracker, multitask_learner, save_any_model
+from .multitask import (LOG_VAR_LR_MULT, MultiTaskClassifier, TaskLossTracker, multitask_learner,
+                                  save_any_model)
 from .preprocess import clahe_lightness, prepare_fundus
 
 # %% auto #0
-__all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'TRAIN_TASKS', 'TASK_CLASS_NAMES', 'FundusDataset',
-           'make_dataloaders', 'preprocessing_options', 'BestModelCallback', 'LossScheduleCallback', 'train_model',
-           'plot_history']
+__all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'TRAIN_TASKS', 'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES',
+           'SCHEDULES', 'UNFREEZE_MODES', 'MONITOR', 'RESUME_MAY_DIFFER', 'FundusDataset', 'make_dataloaders',
+           'preprocessing_options', 'TrainingRunCallback', 'plot_history', 'save_figure', 'LossScheduleCallback',
+           'input_size_kwargs', 'train_model']
 
 # %% ../nbs/07_train.ipynb #2c2cd1a5
 class FundusDataset(Dataset):
@@ -48,9 +59,11 @@ class FundusDataset(Dataset):
                  transform=None, # albumentations pipeline ending in ToTensorV2; None: `valid_transform(size)`
                  crop:bool=True, # crop to the field of view (False for images that are prepared squares already)
                  medical_preprocess:bool=False, # CLAHE on the lightness channel after the square is made
+                 binary:bool=False, # labels are 0/1 per column (multi-label), returned as a float tensor
                 ):
         self.df = df.reset_index(drop=True)
         self.label_col, self.size, self.crop, self.medical_preprocess = label_col, size, crop, medical_preprocess
+        self.label_dtype = torch.float32 if binary else torch.long
         self.transform = valid_transform(size) if transform is None else transform
         if "path" not in self.df.columns: raise ValueError(f"The table has no 'path' column; columns: {list(df.columns)}.")
         if label_col is None: self.labels = None
@@ -65,7 +78,7 @@ class FundusDataset(Dataset):
         except ValueError as e: raise ValueError(f"Cannot prepare {path}: {e}") from e
         if self.medical_preprocess: image = clahe_lightness(image)
         label = -1 if self.labels is None else self.labels[i]
-        return self.transform(image=image)["image"], torch.tensor(label, dtype=torch.long)
+        return self.transform(image=image)["image"], torch.tensor(label, dtype=self.label_dtype)
 
 def _integer_labels(df:pd.DataFrame, label_col:str) -> np.ndarray:
     "The labels of `label_col` as ints; a clear error naming rows without one."
@@ -102,11 +115,19 @@ def make_dataloaders(df:pd.DataFrame, # canonical table
                      augment:str="light", # strength of the training augmentation: 'light', 'medium' or 'heavy'
                      crop:bool=True, # crop to the field of view (False for cached, already prepared squares)
                      medical_preprocess:bool=False, # CLAHE on the lightness channel of every image
+                     binary:bool=False, # 0/1 labels per column as float targets (multi-label)
+                     valid_df:pd.DataFrame|None=None, # explicit validation table; None: split `df` by patient
                     ) -> DataLoaders:
-    "fastai DataLoaders over PyTorch loaders, with a patient-level validation split."
+    "fastai DataLoaders over PyTorch loaders, with a patient-level validation split (or an explicit validation table)."
     device = get_device(device) if not isinstance(device, torch.device) else device
-    split = patient_split(df, valid_pct=val_split, label_col=label_col, seed=seed)
-    prep = dict(crop=crop, medical_preprocess=medical_preprocess)
+    if valid_df is None: split = patient_split(df, valid_pct=val_split, label_col=label_col, seed=seed)
+    else:
+        shared = set(df["patient_id"]) & set(valid_df["patient_id"])
+        if shared:
+            raise ValueError(f"{len(shared)} patient(s) are in both the training and the validation table, e.g. "
+                             f"{sorted(map(str, shared))[:5]}; put each patient on one side only (patient_kfold does).")
+        split = pd.concat([df.assign(is_valid=False), valid_df.assign(is_valid=True)], ignore_index=True)
+    prep = dict(crop=crop, medical_preprocess=medical_preprocess, binary=binary)
     train_ds = FundusDataset(split[~split.is_valid], label_col, image_size, get_transforms(augment, image_size, seed=seed), **prep)
     valid_ds = FundusDataset(split[split.is_valid], label_col, image_size, valid_transform(image_size), **prep)
     if len(train_ds) < 2: raise ValueError(f"Only {len(train_ds)} training image(s) after the split: add data or lower val_split.")
@@ -134,25 +155,67 @@ def _metric_or_worst(value) -> float:
     "A metric value for comparisons: NaN or None become -inf."
     return -math.inf if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
-class BestModelCallback(Callback):
-    "Write the training history after every epoch and the checkpoint of the best validation `monitor`."
+def _plain_number(value):
+    "A float or int for a NumPy/PyTorch scalar, the value itself otherwise."
+    if isinstance(value, (np.floating, np.integer)) or (isinstance(value, torch.Tensor) and value.ndim == 0): return value.item()
+    return value
+
+def _optimizer_state(opt) -> dict:
+    "fastai optimizer state as plain values and tensors."
+    state = opt.state_dict()
+    return {"state": [{k: _plain_number(v) for k, v in s.items()} for s in state["state"]],
+            "hypers": [{k: _plain_number(v) for k, v in h.items()} for h in state["hypers"]]}
+
+class TrainingRunCallback(Callback):
+    "After every epoch: the history, the best model(s), a resumable checkpoint and early stopping."
     order = 60  # after fastai's Recorder (50), which computes the epoch's validation metrics
     def __init__(self,
-                 save_dir, # folder for best_model.pth and training_history.json
-                 config:dict, # the model config stored in the checkpoint
+                 save_dir, # folder for the models, checkpoints and training_history.json
+                 config:dict, # the model config stored with the saved models
                  monitor:str="qwk", # validation metric to maximise
-                 verbose:bool=True, # print one line per epoch
+                 patience:int|None=None, # stop a stage after this many epochs without improvement; None/0: never
+                 save_freq:int=0, # write checkpoint_epoch_N.pth every N epochs; 0: only last_checkpoint.pth
+                 save_stage1:bool=False, # also keep best_stage1.pth, the best epoch of stage 1
+                 run_config:dict|None=None, # the run's config, stored in the checkpoints
                  extra_values=None, # optional callable returning more values for each epoch's record
+                 to_save=None, # optional callable giving the model to save (e.g. with LoRA merged)
+                 verbose:bool=True, # print one line per epoch
                 ):
-        self.save_dir, self.config, self.monitor, self.verbose = Path(save_dir), config, monitor, verbose
-        self.extra_values = extra_values
+        self.save_dir, self.config, self.monitor, self.patience = Path(save_dir), config, monitor, patience
+        self.save_freq, self.save_stage1, self.run_config, self.verbose = save_freq, save_stage1, run_config or {}, verbose
+        self.extra_values, self.to_save = extra_values, to_save or (lambda model: model)
         self.model_path, self.history_path = self.save_dir/"best_model.pth", self.save_dir/"training_history.json"
+        self.last_path = self.save_dir/"last_checkpoint.pth"
+        self.history, self.best, self.total_epochs = [], None, None
+        self.writes = is_main_process()  # in data-parallel training only the first process writes files
+        self.begin_stage(1)
+
+    def begin_stage(self,
+                    stage:int, # stage number, from 1
+                    start_epoch:int=0, # first epoch of the stage to train (later than 0 when resuming)
+                    restore:dict|None=None, # a training checkpoint to continue from
+                   ):
+        "Prepare the fit of one stage; with `restore`, continue the run saved in that checkpoint."
+        self.stage, self.start_epoch, self.restore = stage, start_epoch, restore
+        self.stage_best, self.wait, self.stopped_early = None, 0, False
+        if restore is not None:
+            self.history, self.best = restore["history"], restore["best"]
+            if restore["stage"] == stage: self.stage_best, self.wait = restore["stage_best"], restore["wait"]
+        self.epoch_offset = sum(r["stage"] < stage for r in self.history)  # epochs run by the earlier stages
 
     def before_fit(self):
-        self.history, self.best = [], None
+        if self.restore is None: return
+        saved, self.restore = self.restore, None
+        self.learn.model.load_state_dict(saved["model_state_dict"])
+        if saved["stage"] == self.stage:  # a new stage starts with a fresh optimiser and scaler
+            self.learn.opt.load_state_dict({"state": saved["optimizer"]["state"], "hypers": L(saved["optimizer"]["hypers"])})
+            if saved["scaler"] and getattr(self.learn, "scaler", None) is not None: self.learn.scaler.load_state_dict(saved["scaler"])
+        restore_rng_state(saved["rng"], self._loaders())  # last: nothing may draw after it
 
     def before_epoch(self):
+        if self.stopped_early: raise CancelFitException()  # here, so every callback saw the last epoch end
         self.epoch_start, self.loss_sum, self.loss_count = time.time(), 0.0, 0
+        reset_peak_memory(self.dls.device)
 
     def after_batch(self):
         if self.training:
@@ -161,23 +224,55 @@ class BestModelCallback(Callback):
             self.loss_count += n
 
     def after_epoch(self):
+        if self.epoch < self.start_epoch: return  # skipped while resuming
         values = dict(zip(self.recorder.metric_names[2:], self.learn.final_record[1:]))
-        record = {"epoch": self.epoch + 1, "train_loss": self.loss_sum / max(self.loss_count, 1),
+        record = {"epoch": self.epoch_offset + self.epoch + 1, "stage": self.stage,
+                  "train_loss": self.loss_sum / max(self.loss_count, 1),
                   **{k: float(v) for k, v in values.items() if k != "time"},
                   **(self.extra_values() if self.extra_values else {}),
-                  "lr": float(self.opt.hypers[0]["lr"]), "epoch_time_s": time.time() - self.epoch_start}
+                  "lr": float(self.opt.hypers[0]["lr"]), "epoch_time_s": time.time() - self.epoch_start,
+                  "peak_memory_mb": peak_memory_mb(self.dls.device)}
         self.history.append(record)
-        score = (_metric_or_worst(record[self.monitor]), -record["valid_loss"])
-        improved = self.best is None or score > self.best[0]
+        score = [_metric_or_worst(record[self.monitor]), -record["valid_loss"]]
+        improved = self.best is None or score > self.best["score"]
+        notes = []
         if improved:
-            self.best = (score, record)
-            save_any_model(self.model_path, self.learn.model, {**self.config, "epoch": record["epoch"],
-                                                                "valid_metrics": _plain(record)})
-        save_json(self.history, self.history_path)
-        if self.verbose: print(_epoch_line(record, self.n_epoch) + ("  * saved best model" if improved else ""))
+            self.best = {"score": score, "record": record}
+            self._save_model(self.model_path, record); notes.append("saved best model")
+        if self.stage_best is None or score > self.stage_best:
+            self.stage_best, self.wait = score, 0
+            if self.save_stage1 and self.stage == 1:
+                self._save_model(self.save_dir/"best_stage1.pth", record); notes.append("saved best stage-1 model")
+        else: self.wait += 1
+        self.stopped_early = bool(self.patience) and self.wait >= self.patience
+        checkpoint = self._checkpoint(finished=self.stopped_early or self.epoch + 1 == self.n_epoch)
+        if self.writes:
+            save_json(self.history, self.history_path)
+            save_training_checkpoint(checkpoint, self.last_path)
+            if self.save_freq and record["epoch"] % self.save_freq == 0:
+                save_training_checkpoint(checkpoint, self.save_dir/f"checkpoint_epoch_{record['epoch']}.pth")
+        if self.verbose and self.writes: print(_epoch_line(record, self.total_epochs or self.n_epoch) + "".join(f"  * {n}" for n in notes))
+        if self.stopped_early and self.verbose and self.epoch + 1 < self.n_epoch:
+            print(f"Early stopping: no better validation {self.monitor} for {self.patience} epoch(s).")
+
+    def _save_model(self, path, record):
+        if self.writes: save_any_model(path, self.to_save(self.learn.model), {**self.config, "epoch": record["epoch"], "valid_metrics": _plain(record)})
+
+    def _checkpoint(self, finished:bool) -> dict:
+        "Everything needed to continue the run exactly, as plain values and tensors."
+        scaler = getattr(self.learn, "scaler", None)
+        return {"config": self.run_config, "model_state_dict": {k: v.detach().cpu() for k, v in self.learn.model.state_dict().items()},
+                "optimizer": _optimizer_state(self.opt), "scaler": scaler.state_dict() if scaler is not None else None,
+                "stage": self.stage, "stage_epochs_done": self.epoch + 1, "stage_finished": finished,
+                "epochs_done": self.epoch_offset + self.epoch + 1, "best": self.best, "stage_best": self.stage_best,
+                "wait": self.wait, "history": self.history, "rng": rng_state(self._loaders())}
+
+    def _loaders(self) -> list:
+        "The PyTorch DataLoaders whose random states matter (unwrapped from a distributed wrapper)."
+        return [getattr(dl, "dl", dl) for dl in (self.dls.train, self.dls.valid)]
 
     @property
-    def best_record(self) -> dict|None: return None if self.best is None else self.best[1]
+    def best_record(self) -> dict|None: return None if self.best is None else self.best["record"]
 
 def _plain(record:dict) -> dict:
     "A record with NaN replaced by None, so strict JSON readers can load it."
@@ -186,12 +281,50 @@ def _plain(record:dict) -> dict:
 def _epoch_line(record:dict, n_epoch:int) -> str:
     "One printed line per epoch."
     metrics = "  ".join(f"{k} {record[k]:.4f}" for k in record
-                        if k not in ("epoch", "lr", "epoch_time_s") and not k.startswith("log_var_"))
-    return f"epoch {record['epoch']}/{n_epoch}  {metrics}  lr {record['lr']:.2e}  {record['epoch_time_s']:.1f}s"
+                        if k not in ("epoch", "stage", "lr", "epoch_time_s", "peak_memory_mb") and not k.startswith("log_var_"))
+    return (f"epoch {record['epoch']}/{n_epoch}  {metrics}  lr {record['lr']:.2e}  {record['epoch_time_s']:.1f}s  "
+            f"{record['peak_memory_mb']:.0f} MB")
 
 # %% ../nbs/07_train.ipynb #91d70e99
-TRAIN_TASKS = ("dr", "multitask")
-TASK_CLASS_NAMES = {"dr": list(DR_GRADES), "dme": list(DME_GRADES)}
+_NOT_PLOTTED = ("epoch", "stage", "train_loss", "valid_loss", "lr", "epoch_time_s", "peak_memory_mb")
+
+def plot_history(history, # path of a training_history.json, or its list of records
+                 title:str|None=None, # figure title
+                ) -> plt.Figure:
+    "Loss curves (left) and the validation metrics (right) per epoch."
+    records = history if isinstance(history, list) else json.loads(Path(history).read_text())
+    table = pd.DataFrame(records)
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_loss.plot(table.epoch, table.train_loss, "o-", label="train (epoch mean)")
+    ax_loss.plot(table.epoch, table.valid_loss, "s-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    metrics = [k for k in table.columns if k not in _NOT_PLOTTED and not k.startswith(("train_loss_", "weight_", "log_var_"))]
+    for name in metrics: ax_metric.plot(table.epoch, table[name], "o-", label=name)
+    ax_metric.set(xlabel="epoch", ylabel="validation score", title="validation metrics")
+    if "stage" in table and table.stage.nunique() > 1:
+        for ax in (ax_loss, ax_metric): ax.axvline(table.epoch[table.stage > 1].min() - 0.5, color="grey", ls=":")
+    for ax in (ax_loss, ax_metric): ax.legend(fontsize=7); ax.set_xticks(table.epoch)
+    if title: fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+def save_figure(fig:plt.Figure, # the figure to write
+                path, # the .png file
+                dpi:int=100, # resolution
+               ) -> Path:
+    "Write `fig` as a PNG atomically and close it."
+    with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+# %% ../nbs/07_train.ipynb #3f0af511
+TRAIN_TASKS = ("dr", "multitask", "multilabel")
+TASK_CLASS_NAMES = {"dr": list(DR_GRADES), "dme": list(DME_GRADES), "multilabel": [ODIR_NAMES[c] for c in UNIFIED_LABELS]}
+MULTILABEL_TRAIN_LOSSES = MULTILABEL_LOSSES + ("bce",)
+SCHEDULES = ("one_cycle", "cosine")
+UNFREEZE_MODES = ("none", "gradual")
+MONITOR = {"dr": "qwk", "multitask": "score", "multilabel": "macro_f1"}
+RESUME_MAY_DIFFER = ("resume", "num_workers", "device", "cache_dir", "save_dir", "save_freq", "callbacks")
 
 class LossScheduleCallback(Callback):
     "Call `set_epoch(epoch, n_epoch)` on every part of the loss that has it, before each epoch."
@@ -204,64 +337,163 @@ def _check_task(task:str, num_classes:int|None) -> dict[str, int]:
     "The label columns of a supported task with their numbers of classes."
     if task not in TASKS: raise ValueError(f"Unknown task {task!r}: use one of {TASKS}.")
     if task not in TRAIN_TASKS:
-        raise NotImplementedError(f"task {task!r} is not supported yet; use --task dr or --task multitask")
+        raise NotImplementedError(f"task {task!r} is not supported yet; use --task dr, multitask or multilabel")
     if task == "multitask":
         if num_classes is not None:
             raise ValueError(f"The multi-task model has 5 DR grades and 3 DME grades; leave num_classes out (got {num_classes}).")
         return {"dr": len(DR_GRADES), "dme": len(DME_GRADES)}
+    if task == "multilabel":
+        if num_classes not in (None, len(UNIFIED_LABELS)):
+            raise ValueError(f"The multi-label task has {len(UNIFIED_LABELS)} labels {UNIFIED_LABELS}; got num_classes={num_classes}.")
+        return {c: 2 for c in UNIFIED_LABELS}
     if num_classes not in (None, len(DR_GRADES)):
         raise ValueError(f"DR grading has {len(DR_GRADES)} grades (0-4); got num_classes={num_classes}.")
     return {"dr": len(DR_GRADES)}
 
-def _check_loss(loss:str, focal_gamma:float):
-    if loss not in MULTICLASS_LOSSES: raise ValueError(f"Unknown loss {loss!r}: use one of {MULTICLASS_LOSSES}.")
+def _check_loss(task:str, loss:str|None, focal_gamma:float) -> str:
+    "The loss to train `task` with (a default for None); a clear error for one that does not fit the task."
+    allowed = MULTILABEL_TRAIN_LOSSES if task == "multilabel" else MULTICLASS_LOSSES
+    loss = loss or allowed[1 if task == "multilabel" else 0]
+    if loss not in allowed: raise ValueError(f"Unknown loss {loss!r} for task {task!r}: use one of {allowed}.")
     if not (isinstance(focal_gamma, (int, float)) and math.isfinite(focal_gamma) and focal_gamma >= 0):
         raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma!r}.")
+    return loss
+
+def _check_engine(task, two_stage, epochs, epochs_stage1, epochs_stage2, schedule, unfreeze, lora_r, patience,
+                  save_freq, grad_clip, warmup_epochs):
+    "Clear errors for settings that cannot work together."
+    for name, value in [("epochs", epochs)] + ([("epochs_stage1", epochs_stage1), ("epochs_stage2", epochs_stage2)] if two_stage else []):
+        if not isinstance(value, int) or value < 1: raise ValueError(f"{name}={value}: train for at least one epoch.")
+    if schedule not in SCHEDULES: raise ValueError(f"Unknown schedule {schedule!r}: use one of {SCHEDULES}.")
+    if unfreeze not in UNFREEZE_MODES: raise ValueError(f"Unknown unfreeze {unfreeze!r}: use one of {UNFREEZE_MODES}.")
+    if unfreeze == "gradual" and (two_stage or task == "multitask"):
+        raise ValueError("unfreeze='gradual' replaces two_stage and works for task 'dr' or 'multilabel'; choose one.")
+    if lora_r is not None and (two_stage or unfreeze != "none" or task == "multitask"):
+        raise ValueError("LoRA trains adapters and the head only, on task 'dr' or 'multilabel': leave two_stage and unfreeze off.")
+    if patience is not None and (not isinstance(patience, int) or patience < 0):
+        raise ValueError(f"patience must be a whole number >= 0 (0 or None: no early stopping), got {patience!r}.")
+    if not isinstance(save_freq, int) or save_freq < 0: raise ValueError(f"save_freq must be a whole number >= 0, got {save_freq!r}.")
+    if grad_clip is not None and not grad_clip > 0: raise ValueError(f"grad_clip must be > 0 (or None), got {grad_clip!r}.")
+    if warmup_epochs and schedule != "cosine": raise ValueError("warmup_epochs applies to schedule='cosine' (one-cycle warms up by itself).")
+
+def _task_loss(task:str, loss:str, counts:list[int]|None, focal_gamma:float, loss_params:dict) -> nn.Module:
+    "The loss module of one task, built from the training split's counts."
+    if loss == "bce": return nn.BCEWithLogitsLoss(**loss_params)
+    if task == "multilabel" and loss != "sigmoid_focal": return make_loss(loss, **loss_params)
+    return make_loss(loss, class_counts=counts, gamma=focal_gamma, **loss_params)
+
+def _describe_data(task:str, class_counts:dict, loss:str, loss_params:dict):
+    "Print the training split's class distribution and, for weighted losses, the class weights."
+    print("Class distribution (training split):")
+    if task == "multilabel":
+        n = sum(class_counts[UNIFIED_LABELS[0]])
+        for c in UNIFIED_LABELS: print(f"   {c} {ODIR_NAMES[c]}: {class_counts[c][1]} positive ({100 * class_counts[c][1] / n:.1f}%)")
+        return
+    for column, counts in class_counts.items():
+        names = TASK_CLASS_NAMES[column]
+        for k, count in enumerate(counts): print(f"   {column} {k} {names[k]}: {count} ({100 * count / sum(counts):.1f}%)")
+        if loss in ("weighted_ce", "cb_focal"):
+            weights = (inverse_frequency_weights(counts) if loss == "weighted_ce"
+                       else class_balanced_weights(counts, loss_params.get("beta", 0.999)))
+            print(f"Class weights ({loss}, {column}): " + ", ".join(f"{w:.4f}" for w in np.asarray(weights, dtype=float)))
+
+def input_size_kwargs(model_name:str, # timm model name
+                      image_size:int, # side of the square training images
+                     ) -> dict:
+    "timm keyword arguments that make a model with a fixed input size (a ViT) take `image_size` images; {} for others."
+    with torch.device("meta"): probe = timm.create_model(model_name, pretrained=False, num_classes=0)  # no weights, no RNG
+    fixed = getattr(getattr(probe, "patch_embed", None), "img_size", None)
+    return {} if fixed is None or tuple(fixed) == (image_size, image_size) else {"img_size": image_size}
+
+def _device_line(device:torch.device) -> str:
+    if device.type != "cuda": return f"Device: {device}"
+    props = torch.cuda.get_device_properties(device)
+    return f"Device: {device} ({props.name}, {props.total_memory / 2**30:.1f} GB)"
+
+def _check_resume(saved:dict, run_config:dict, path):
+    "A clear error if the checkpoint at `path` was written by a run with other settings or data."
+    before = {**saved["config"].get("arguments", {}), **{k: saved["config"].get(k) for k in ("n_train", "n_valid")}}
+    now = {**run_config["arguments"], **{k: run_config[k] for k in ("n_train", "n_valid")}}
+    differ = [f"{k}: {before.get(k)!r} vs {v!r}" for k, v in now.items() if k not in RESUME_MAY_DIFFER and before.get(k) != v]
+    if differ:
+        raise ValueError(f"{path} was written by a run with other settings or data (setting: checkpoint vs now): "
+                         f"{', '.join(differ)}. Resume with the same settings and data, or start a new run.")
 
 def train_model(df:pd.DataFrame, # canonical table of the training images (validation is split off by patient)
-                save_dir, # folder for best_model.pth, training_history.json and config.json
-                task:str="dr", # what to learn: 'dr' (5 DR grades) or 'multitask' (DR grade and DME risk)
+                save_dir, # folder for the models, checkpoints, training_history.json, training_curves.png, config.json
+                task:str="dr", # 'dr' (5 DR grades), 'multitask' (DR grade and DME risk) or 'multilabel' (ODIR diseases)
                 model_name:str=DEFAULT_MODEL, # timm architecture
-                num_classes:int|None=None, # None: from the task (5 for DR)
+                num_classes:int|None=None, # None: from the task (5 for DR, 7 for multilabel)
                 image_size:int=224, # side of the square input images in pixels
                 batch_size:int=16, # images per batch
-                epochs:int=10, # passes over the training set
-                lr:float=1e-3, # peak learning rate of the one-cycle schedule
+                epochs:int=10, # passes over the training set (single stage)
+                lr:float=1e-3, # peak learning rate (single stage)
                 val_split:float=0.2, # share of patients held out for validation
                 random_seed:int=42, # seed for the split, initialisation, shuffling and augmentation
                 num_workers:int=0, # DataLoader worker processes
                 pretrained:bool=True, # start from ImageNet weights
                 device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
                 dropout:float=0.2, # dropout before the classification layer(s)
-                loss:str="ce", # 'ce', 'weighted_ce', 'focal', 'cb_focal' or 'smooth_modulation' (per task)
-                focal_gamma:float=2.0, # focusing parameter of 'focal' and 'cb_focal'
+                loss:str|None=None, # None: 'ce' ('adaptive_focal' for multilabel); see the loss section
+                focal_gamma:float=2.0, # focusing parameter of 'focal', 'cb_focal' and 'sigmoid_focal'
+                loss_params:dict|None=None, # more keyword arguments of the loss (make_loss), e.g. {'beta': 0.99}
                 advanced_aug:bool=False, # train with the 'heavy' augmentation pipeline instead of 'light'
                 medical_preprocess:bool=False, # CLAHE on the lightness channel after the crop/pad/resize
                 cache_dir=None, # folder of a cache of prepared squares (built or reused); None: prepare on the fly
+                two_stage:bool=False, # stage 1: head only (backbone frozen); stage 2: the whole model
+                epochs_stage1:int=5, # epochs of stage 1 (two_stage)
+                epochs_stage2:int=25, # epochs of stage 2 (two_stage)
+                lr_stage1:float=1e-3, # peak learning rate of stage 1 (two_stage)
+                lr_stage2:float=1e-4, # peak learning rate of stage 2 (two_stage)
+                weight_decay:float=WEIGHT_DECAY, # decoupled (AdamW) weight decay
+                schedule:str="one_cycle", # learning-rate schedule: 'one_cycle' or 'cosine'
+                eta_min:float=0.0, # final learning rate of the cosine schedule
+                warmup_epochs:float=0.0, # linear warm-up epochs of the cosine schedule (per stage)
+                grad_clip:float|None=None, # clip the gradient norm to this; None: no clipping
+                unfreeze:str="none", # 'none' or 'gradual' (backbone unfrozen from the top in four phases)
+                lora_r:int|None=None, # LoRA rank on a ViT's qkv layers; None: train normally
+                lora_alpha:float=16.0, # LoRA scaling numerator (update = alpha / r * B A)
+                lora_dropout:float=0.0, # dropout on the LoRA branch
+                mixed_precision:str|bool="no", # 'no', 'auto', 'fp16' (CUDA), 'bf16', or a bool
+                patience:int|None=None, # early stopping: epochs without a better validation score; None/0: off
+                save_freq:int=0, # write checkpoint_epoch_N.pth every N epochs; 0: off
+                valid_df:pd.DataFrame|None=None, # explicit validation table (e.g. a cross-validation fold); None: split df
+                resume:str|None=None, # a last_checkpoint.pth or checkpoint_epoch_N.pth to continue from
                 callbacks:list|None=None, # more fastai callbacks for the Learner (e.g. a pruning callback of a search)
                ) -> dict:
-    "Train a DR or DR + DME model with fastai and save the best checkpoint by validation QWK (or score); return paths and metrics."
+    "Train a DR, DR + DME or multi-label model with fastai, keep the best checkpoint and everything needed to resume."
+    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("df", "valid_df", "callbacks")}
+    arguments.update(valid_df=None if valid_df is None else len(valid_df), callbacks=[type(c).__name__ for c in callbacks or []],
+                     loss_params=dict(loss_params or {}))
     task_classes = _check_task(task, num_classes)
-    _check_loss(loss, focal_gamma)
-    if epochs < 1: raise ValueError(f"epochs={epochs}: train for at least one epoch.")
-    for column, k in task_classes.items():
-        labels = _integer_labels(df, column)
-        if labels.min() < 0 or labels.max() >= k:
-            raise ValueError(f"Column {column!r} has values outside 0..{k - 1}: {sorted(set(labels.tolist()))}.")
-    label_col = list(task_classes) if task == "multitask" else "dr"
+    loss = arguments["loss"] = _check_loss(task, loss, focal_gamma)
+    _check_engine(task, two_stage, epochs, epochs_stage1, epochs_stage2, schedule, unfreeze, lora_r, patience,
+                  save_freq, grad_clip, warmup_epochs)
+    for frame in [df] + ([] if valid_df is None else [valid_df]):
+        for column, k in task_classes.items():
+            labels = _integer_labels(frame, column)
+            if labels.min() < 0 or labels.max() >= k:
+                raise ValueError(f"Column {column!r} has values outside 0..{k - 1}: {sorted(set(labels.tolist()))}.")
     save_dir, torch_device = Path(save_dir), get_device(device)
+    precision = resolve_precision(mixed_precision, torch_device)
+    saved = load_training_checkpoint(resume) if resume is not None else None
+    label_col = "dr" if task == "dr" else list(task_classes)
     cache = None
     if cache_dir is not None:
         df = build_cache(df, cache_dir, size=image_size, num_workers=max(num_workers, 1))
         cache = {"dir": str(cache_dir), "size": image_size, **df.attrs["cache"]}
+        if valid_df is not None: valid_df = build_cache(valid_df, cache_dir, size=image_size, num_workers=max(num_workers, 1))
         print(f"Cache {cache_dir}: {cache['prepared']} image(s) prepared, {cache['reused']} reused.")
     set_seed(random_seed)
     augment = "heavy" if advanced_aug else "light"
     dls = make_dataloaders(df, label_col, image_size, batch_size, num_workers, val_split, random_seed, torch_device,
-                           augment=augment, crop=cache is None, medical_preprocess=medical_preprocess)
-    train_labels = dls.train_ds.labels.reshape(len(dls.train_ds), -1)
+                           augment=augment, crop=cache is None, medical_preprocess=medical_preprocess,
+                           binary=task == "multilabel", valid_df=valid_df)
+    train_labels = dls.train_ds.labels.reshape(len(dls.train_ds), -1).astype(int)
     class_counts = {t: np.bincount(train_labels[:, i], minlength=k).tolist() for i, (t, k) in enumerate(task_classes.items())}
-    task_losses = {t: make_loss(loss, class_counts=counts, gamma=focal_gamma).to(torch_device) for t, counts in class_counts.items()}
+    if task == "multilabel": task_losses = {"multilabel": _task_loss(task, loss, None, focal_gamma, arguments["loss_params"])}
+    else: task_losses = {t: _task_loss(task, loss, counts, focal_gamma, arguments["loss_params"]) for t, counts in class_counts.items()}
+    task_losses = {t: l.to(torch_device) for t, l in task_losses.items()}
     if task == "multitask":
         model = MultiTaskClassifier(model_name, task_classes, pretrained=pretrained, dropout=dropout)
         model_config = {"model_name": model_name, "num_classes": dict(task_classes),
@@ -269,58 +501,77 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
                         "label_columns": list(task_classes), "timm_kwargs": {},
                         "uncertainty": {"kinds": model.uncertainty.kinds, "non_negative": model.uncertainty.non_negative}}
     else:
-        model = DRClassifier(model_name, num_classes=task_classes["dr"], pretrained=pretrained, dropout=dropout)
-        model_config = {"model_name": model_name, "num_classes": task_classes["dr"], "class_names": list(DR_GRADES),
-                        "task": task, "label_columns": ["dr"]}
+        n_outputs, timm_kwargs = len(UNIFIED_LABELS) if task == "multilabel" else task_classes["dr"], input_size_kwargs(model_name, image_size)
+        model = DRClassifier(model_name, num_classes=n_outputs, pretrained=pretrained, dropout=dropout, **timm_kwargs)
+        model_config = {"model_name": model_name, "num_classes": n_outputs, "class_names": TASK_CLASS_NAMES[task if task == "multilabel" else "dr"],
+                        "task": task, "label_columns": list(UNIFIED_LABELS) if task == "multilabel" else ["dr"], "timm_kwargs": timm_kwargs}
+    if lora_r is not None: add_lora(model, lora_r, lora_alpha, lora_dropout)
     model_config.update(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                         preprocessing=dict(MEDICAL_PREPROCESSING if medical_preprocess else PREPROCESSING), dropout=dropout)
-    run_config = {**model_config, "batch_size": batch_size, "epochs": epochs, "lr": lr, "weight_decay": WEIGHT_DECAY,
-                  "optimizer": "AdamW (fastai Adam, decoupled weight decay)", "schedule": "one-cycle",
-                  "loss": loss, "focal_gamma": focal_gamma, "train_class_counts": class_counts,
-                  "augmentation": augment, "cache": cache,
-                  "selection": "validation qwk" if task == "dr" else "validation score = mean of dr_qwk and dme_accuracy",
-                  "val_split": val_split, "random_seed": random_seed, "num_workers": num_workers,
-                  "pretrained": pretrained, "device": str(torch_device),
-                  "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds),
+    stages = ([(epochs_stage1, lr_stage1, "Stage 1: training the head (backbone frozen)"),
+               (epochs_stage2, lr_stage2, "Stage 2: fine-tuning the whole model (backbone unfrozen)")] if two_stage else
+              [(epochs, lr, "Training" + (" (backbone unfrozen gradually from the top)" if unfreeze == "gradual" else "")
+                + (f" LoRA adapters (r={lora_r}) and the head" if lora_r is not None else ""))])
+    run_config = {**arguments, **model_config, "arguments": arguments, "precision": precision,
+                  "total_epochs": sum(s[0] for s in stages), "optimizer": "AdamW (fastai Adam, decoupled weight decay)",
+                  "train_class_counts": class_counts, "augmentation": augment, "cache": cache, "monitor": MONITOR[task],
+                  "selection": {"dr": "validation qwk", "multilabel": "validation macro_f1",
+                                "multitask": "validation score = mean of dr_qwk and dme_accuracy"}[task],
+                  "device": str(torch_device), "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds),
                   "n_train_patients": int(dls.train_ds.df.patient_id.nunique()),
                   "n_valid_patients": int(dls.valid_ds.df.patient_id.nunique())}
-    save_json(run_config, save_dir/"config.json")
+    if saved is not None: _check_resume(saved, run_config, resume)
+    if is_main_process(): save_json(run_config, save_dir/"config.json")
+    saver = TrainingRunCallback(save_dir, model_config, MONITOR[task], patience, save_freq, save_stage1=two_stage,
+                                run_config=run_config, to_save=merged_copy if lora_r is not None else None)
+    saver.total_epochs = run_config["total_epochs"]
+    if saved is not None: saver.history, saver.best = saved["history"], saved["best"]
+    engine = [LossScheduleCallback(), StopOnNonFiniteLoss(), saver]
+    if precision != "no": engine.append(DeviceMixedPrecision(precision))
+    if grad_clip is not None: engine.append(GradientClip(grad_clip))
+    if unfreeze == "gradual": engine.append(GradualUnfreeze())
     if task == "multitask":
         tracker = TaskLossTracker()
-        saver = BestModelCallback(save_dir, model_config, monitor="score", extra_values=tracker.values)
-        learn = multitask_learner(dls, model, task_losses, lr=lr, weight_decay=WEIGHT_DECAY, path=save_dir,
-                                  cbs=[LossScheduleCallback(), tracker, saver, *(callbacks or [])])
+        saver.extra_values = tracker.values
+        learn = multitask_learner(dls, model, task_losses, lr=lr, weight_decay=weight_decay, path=save_dir,
+                                  cbs=[tracker, *engine, *(callbacks or [])])
     else:
-        saver = BestModelCallback(save_dir, model_config)
-        learn = Learner(dls, model, loss_func=task_losses["dr"], opt_func=Adam, lr=lr, wd=WEIGHT_DECAY,
-                        metrics=fastai_metrics(task_classes["dr"]), path=save_dir, cbs=[LossScheduleCallback(), saver, *(callbacks or [])])
+        if task == "multilabel":
+            from fundus_lab.multilabel import fastai_multilabel_metrics  # the unified chapter's metrics
+            metrics = fastai_multilabel_metrics()
+        else: metrics = fastai_metrics(task_classes["dr"])
+        learn = Learner(dls, model, loss_func=task_losses[task if task == "multilabel" else "dr"], opt_func=Adam, lr=lr,
+                        wd=weight_decay, metrics=metrics, path=save_dir, cbs=[*engine, *(callbacks or [])],
+                        **({"splitter": backbone_splitter} if unfreeze == "gradual" else {}))
+    print(_device_line(torch_device) + (f", mixed precision {precision}" if precision != "no" else ""))
     print(f"Training {model_name} ({task}, loss {loss}) on {run_config['n_train']} images ({run_config['n_train_patients']} "
-          f"patients), validating on {run_config['n_valid']} ({run_config['n_valid_patients']} patients), "
-          f"{epochs} epoch{'s' if epochs > 1 else ''} on {torch_device}.")
-    with learn.no_logging(): learn.fit_one_cycle(epochs)  # the callback prints the epoch lines; bars stay
+          f"patients), validating on {run_config['n_valid']} ({run_config['n_valid_patients']} patients).")
+    _describe_data(task, class_counts, loss, arguments["loss_params"])
+    if saved is not None: print(f"Resuming from {resume}: {saved['epochs_done']} of {run_config['total_epochs']} epochs done.")
+    for stage, (n_epoch, stage_lr, banner) in enumerate(stages, 1):
+        start, restore = 0, None
+        if saved is not None:
+            if stage < saved["stage"] or (stage == saved["stage"] and saved["stage_finished"]): continue
+            start, restore, saved = (saved["stage_epochs_done"] if stage == saved["stage"] else 0), saved, None
+        if two_stage: (model.freeze_backbone() if stage == 1 else model.unfreeze_backbone())
+        saver.begin_stage(stage, start, restore)
+        learn.lr = [stage_lr, stage_lr, stage_lr * LOG_VAR_LR_MULT] if task == "multitask" else stage_lr
+        print(f"{banner}: {n_epoch} epoch{'s' if n_epoch > 1 else ''}, lr {stage_lr:g}, {schedule.replace('_', '-')} schedule")
+        with learn.no_logging(), distributed_context(learn):  # the callback prints the epoch lines; the bars stay
+            if schedule == "one_cycle": learn.fit_one_cycle(n_epoch, reset_opt=stage > 1, start_epoch=start)
+            else:
+                scheduler = cosine_scheduler(np.array(learn.lr) if task == "multitask" else stage_lr, n_epoch,
+                                             min(eta_min, stage_lr), warmup_epochs)  # never above the stage's peak
+                learn.fit(n_epoch, cbs=[scheduler], reset_opt=stage > 1, start_epoch=start)
+    curves_path = save_dir/"training_curves.png"
+    if is_main_process(): save_figure(plot_history(saver.history, f"{model_name} ({task})"), curves_path)
     best = saver.best_record
-    summary = (f"validation qwk {best['qwk']:.4f}, accuracy {best['accuracy']:.4f}" if task == "dr" else
+    summary = (f"validation {MONITOR[task]} {best[MONITOR[task]]:.4f}" + (f", accuracy {best['accuracy']:.4f}" if task == "dr" else "")
+               if task != "multitask" else
                f"validation score {best['score']:.4f} (DR qwk {best['dr_qwk']:.4f}, DME accuracy {best['dme_accuracy']:.4f}, "
                f"joint accuracy {best['joint_accuracy']:.4f})")
     print(f"Best epoch {best['epoch']}: {summary}.\n"
           f"Model: {saver.model_path}\nHistory: {saver.history_path}\nRun config: {save_dir/'config.json'}")
     return {"best_model_path": str(saver.model_path), "history_path": str(saver.history_path),
-            "config_path": str(save_dir/"config.json"), "best_metrics": best, "epochs_run": len(saver.history)}
-
-# %% ../nbs/07_train.ipynb #4b37bd5b
-def plot_history(history, # path of a training_history.json, or its list of records
-                 title:str|None=None, # figure title
-                ) -> plt.Figure:
-    "Loss curves (left) and validation accuracy, QWK and macro-F1 (right) per epoch."
-    records = history if isinstance(history, list) else json.loads(Path(history).read_text())
-    table = pd.DataFrame(records)
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax_loss.plot(table.epoch, table.train_loss, "o-", label="train (epoch mean)")
-    ax_loss.plot(table.epoch, table.valid_loss, "s-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    for name in ["accuracy", "qwk", "macro_f1"]: ax_metric.plot(table.epoch, table[name], "o-", label=name)
-    ax_metric.set(xlabel="epoch", ylabel="validation score", title="validation metrics")
-    for ax in (ax_loss, ax_metric): ax.legend(); ax.set_xticks(table.epoch)
-    if title: fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+            "config_path": str(save_dir/"config.json"), "curves_path": str(curves_path),
+            "last_checkpoint_path": str(saver.last_path), "best_metrics": best, "epochs_run": len(saver.history)}
