@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEMO := runs/demo
 
-.PHONY: install demo test check-sync readme
+.PHONY: install demo test check-sync readme docs-preview
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ check-sync: install
 	if [ "$$before" != "$$after" ]; then \
 		echo "nbdev-export / nbdev-clean / README changed files: run them and commit the result."; \
 		git status --porcelain; git --no-pager diff --stat; exit 1; fi
+
+docs-preview: install
+	$(BIN)/python tools/preview_docs.py --out _docs_preview
 
 readme:
 	$(BIN)/jupyter nbconvert --to markdown --log-level WARN --stdout nbs/index.ipynb > README.md

@@ -27,8 +27,8 @@ __all__ = ['SYNTH_TASKS', 'DR_PRIOR_NAMES', 'FORMATS', 'TASK_CHOICES', 'TRAIN_TA
 SYNTH_TASKS = ("dr", "dme", "multitask", "multilabel")
 DR_PRIOR_NAMES = ("balanced", "aptos")
 FORMATS = ("aptos", "eyepacs", "idrid", "messidor2", "odir", "canonical")
-TASK_CHOICES = ("dr", "dme", "multitask", "multilabel")
-TRAIN_TASK_CHOICES = ("dr", "multitask", "multilabel")
+TASK_CHOICES = ("dr", "dme", "multitask", "multilabel", "disease")
+TRAIN_TASK_CHOICES = ("dr", "multitask", "multilabel", "disease")
 LOSS_CHOICES = ("ce", "weighted_ce", "focal", "cb_focal", "smooth_modulation", "sigmoid_focal", "adaptive_focal", "asymmetric", "bce")
 SCHEDULE_CHOICES = ("one_cycle", "cosine")
 UNFREEZE_CHOICES = ("none", "gradual")
@@ -277,7 +277,8 @@ def _train_arguments(parser:argparse.ArgumentParser):
                         help="YAML file of training options (flag names as keys, with dashes or underscores), or the name "
                              "of a packaged recipe such as aptos_cpu; options typed on the command line win")
     option("--task", "what to learn: dr = the DR grade (5 classes); multitask = DR grade and DME risk (3 classes) with one "
-           "backbone and uncertainty-weighted losses, e.g. on IDRiD; multilabel = disease flags of ODIR-style data",
+           "backbone and uncertainty-weighted losses, e.g. on IDRiD; multilabel = disease flags of ODIR-style data; "
+           "disease = one diagnosis per photo among the ODIR codes, e.g. class folders normal/, cataract/, glaucoma/",
            choices=TRAIN_TASK_CHOICES)
     option("--save-dir", "folder for best_model.pth, training_history.json, config.json, history.csv and "
            "train_options.yaml; with --folds, one fold_K folder per fold and cv_summary.json", type=Path)
@@ -291,7 +292,7 @@ def _train_arguments(parser:argparse.ArgumentParser):
 
     group = parser.add_argument_group("model")
     option("--model-name", "timm architecture; the default ships its ImageNet weights with fundus-lab")
-    option("--num-classes", "number of classes (from the task: 5 for dr, 7 for multilabel; fixed for multitask)", type=positive_int)
+    option("--num-classes", "number of classes (from the task: 5 for dr, 7 for multilabel, the diagnoses present for disease; fixed for multitask)", type=positive_int)
     switch("--pretrained", "start from ImageNet weights; --no-pretrained starts from random weights")
     option("--dropout", "dropout before the classification layer", type=probability)
     option("--image-size", "side of the square network input in pixels", type=positive_int)

@@ -53,7 +53,8 @@ def get_device(name:str|None="auto", # 'auto', 'cuda', 'cuda:1', 'mps' or 'cpu'
               ) -> torch.device:
     "The requested torch device, or the best available one for 'auto'/None."
     found = available_devices()
-    if name in (None, "", "auto"): return torch.device(found[0])
+    if name in (None, "", "auto"): name = found[0]
+    if name == "cuda" and "LOCAL_RANK" in os.environ: name = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
     kind = name.split(":")[0]
     if kind not in ("cuda", "mps", "cpu"):
         raise ValueError(f"Unknown device {name!r}: use 'auto', 'cuda', 'cuda:N', 'mps' or 'cpu'.")

@@ -25,8 +25,8 @@ __all__ = ['DR_GRADES', 'DME_GRADES', 'ODIR_LABELS', 'UNIFIED_LABELS', 'ODIR_NAM
            'FOLDER_LABEL_COLUMNS', 'FORMAT_COLUMNS', 'READERS', 'TASKS', 'DatasetError', 'ImageReadError',
            'to_canonical', 'image_folders', 'match_images', 'read_rgb', 'read_aptos', 'read_eyepacs', 'read_idrid',
            'read_messidor2', 'odir_keyword_flags', 'read_odir', 'read_folder', 'detect_format', 'read_dataset',
-           'task_label_columns', 'patient_split', 'patient_kfold', 'ValidationReport', 'validate_dataset',
-           'check_dataset']
+           'task_label_columns', 'disease_classes', 'disease_labels', 'patient_split', 'patient_kfold',
+           'ValidationReport', 'validate_dataset', 'check_dataset']
 
 # %% ../nbs/01_data.ipynb #d6a4999c
 DR_GRADES = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
@@ -391,7 +391,7 @@ def read_odir(table, # ODIR-5K annotations: .csv, .xlsx (needs openpyxl) or Data
                   **{c: rows[c] for c in ODIR_LABELS})
 
 # %% ../nbs/01_data.ipynb #add6011b
-FOLDER_LABEL_COLUMNS = ("dr", "dme", "multilabel")
+FOLDER_LABEL_COLUMNS = ("dr", "dme", "multilabel", "disease")
 
 def _norm(name:str) -> str: return re.sub(r"[^a-z0-9]", "", name.lower())
 
@@ -418,11 +418,12 @@ def _folder_label(name:str, label_col:str):
     return None
 
 def read_folder(img_dir, # folder with one sub-folder of images per class
-                label_col:str="dr", # what the folder names are: 'dr', 'dme' or 'multilabel'
+                label_col:str="dr", # what the folder names are: 'dr', 'dme', or 'multilabel'/'disease' (ODIR codes or disease names)
                ) -> pd.DataFrame:
     "Canonical table of a folder-per-class dataset; the sub-folder name is the label."
     if label_col not in FOLDER_LABEL_COLUMNS:
         raise ValueError(f"label_col={label_col!r} is not supported for class folders: use one of {FOLDER_LABEL_COLUMNS}.")
+    if label_col == "disease": label_col = "multilabel"  # the same ODIR flags, one per image
     root = image_folders(img_dir)[0]
     with os.scandir(root) as entries:
         classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
@@ -441,7 +442,10 @@ def read_folder(img_dir, # folder with one sub-folder of images per class
             if _split_image_name(name)[1]]
     names = [n for n, _, _ in rows]
     patients, eyes = zip(*[_patient_and_eye(_split_image_name(n)[0]) for n in names]) if rows else ((), ())
-    table = pd.DataFrame({"image_id": [_split_image_name(n)[0] for n in names], "path": [str(p) for _, p, _ in rows],
+    stems = [_split_image_name(n)[0] for n in names]
+    repeated = {s for s, k in Counter(stems).items() if k > 1}  # the same file name in two class folders: two photos
+    ids = [f"{p.parent.name}/{s}" if s in repeated else s for s, (_, p, _) in zip(stems, rows)]
+    table = pd.DataFrame({"image_id": ids, "path": [str(p) for _, p, _ in rows],
                           "patient_id": list(patients), "eye": list(eyes)})
     if label_col == "multilabel":
         for code in ODIR_LABELS: table[code] = [int(v == code) for _, _, v in rows]
@@ -479,7 +483,7 @@ READERS = {"aptos": read_aptos, "eyepacs": read_eyepacs, "idrid": read_idrid, "m
 def read_dataset(labels_csv=None, # labels table (csv/xlsx path or DataFrame); None: img_dir has one folder per class
                  img_dir=None, # folder of the images; default: the labels file's folder
                  format:str|None=None, # one of READERS; None detects it from the columns
-                 label_col:str="dr", # for class folders: what the folder names are ('dr', 'dme', 'multilabel')
+                 label_col:str="dr", # for class folders: what the folder names are ('dr', 'dme', 'multilabel', 'disease')
                 ) -> pd.DataFrame:
     "Read any supported fundus dataset into the canonical table."
     if labels_csv is None:
@@ -494,14 +498,34 @@ def read_dataset(labels_csv=None, # labels table (csv/xlsx path or DataFrame); N
     return READERS[format](table, img_dir)
 
 # %% ../nbs/01_data.ipynb #74e4f767
-TASKS = ("dr", "dme", "multitask", "multilabel")
+TASKS = ("dr", "dme", "multitask", "multilabel", "disease")
 
 def task_label_columns(task:str, # one of TASKS
                       ) -> list[str]:
     "The canonical label columns a task uses."
-    columns = {"dr": ["dr"], "dme": ["dme"], "multitask": ["dr", "dme"], "multilabel": list(UNIFIED_LABELS)}
+    columns = {"dr": ["dr"], "dme": ["dme"], "multitask": ["dr", "dme"], "multilabel": list(UNIFIED_LABELS),
+               "disease": list(ODIR_LABELS)}
     if task not in columns: raise ValueError(f"Unknown task {task!r}: use one of {TASKS}.")
     return columns[task]
+
+def disease_classes(df:pd.DataFrame, # canonical table with the ODIR flag columns
+                   ) -> list[str]:
+    "The ODIR codes set in at least one row, in ODIR order: the classes of a `disease` model trained on `df`."
+    return [c for c in ODIR_LABELS if c in df.columns and (pd.to_numeric(df[c], errors="coerce") == 1).any()]
+
+def disease_labels(df:pd.DataFrame, # canonical table with the ODIR flag columns
+                   codes:list[str], # the classes, e.g. `disease_classes(train_df)` or a model's label columns
+                  ) -> np.ndarray:
+    "Index in `codes` of each row's single diagnosis; a clear error naming rows with none, several or an unknown one."
+    flags = np.stack([pd.to_numeric(df[c], errors="coerce").fillna(0).to_numpy() == 1 for c in ODIR_LABELS], axis=1)
+    known = np.isin(ODIR_LABELS, codes)
+    bad = (flags.sum(1) != 1) | (flags & ~known).any(1)
+    if bad.any():
+        ids = df["image_id"].to_numpy()[bad] if "image_id" in df.columns else np.flatnonzero(bad)
+        raise DatasetError(f"{bad.sum()} image(s) do not have exactly one diagnosis among {codes}: "
+                           f"{', '.join(map(str, ids[:10]))}{' ...' if bad.sum() > 10 else ''}. A 'disease' model "
+                           "gives one class per image: fix their labels, or train --task multilabel.")
+    return np.array([codes.index(ODIR_LABELS[j]) for j in flags.argmax(1)])
 
 # %% ../nbs/01_data.ipynb #c17b6f17
 def _stratify_columns(df:pd.DataFrame, label_col) -> list[str]:
@@ -697,6 +721,12 @@ def _check_files(df, report, check_images, max_workers):
         report.notes.append(f"{len(files)} image(s) {'are' if note in ('grayscale', '16-bit', 'floating-point') else 'have an'} "
                             f"{note}; read_rgb converts them to 8-bit RGB (e.g. {', '.join(files[:3])}).")
 
+def _check_one_diagnosis(df, report):
+    counts = sum((pd.to_numeric(df[c], errors="coerce") == 1).astype(int) for c in ODIR_LABELS)
+    for i in df.index[(counts != 1).to_numpy()]:
+        report.add("labels", f"{_row(df, i)}: {counts[i]} diagnoses are set; the disease task needs exactly one "
+                             "(use --task multilabel for several).", [i])
+
 def validate_dataset(df:pd.DataFrame, # canonical table
                      task:str="dr", # the task whose label columns are checked (see TASKS)
                      check_images:bool=True, # also decode every image fully (in a thread pool)
@@ -715,6 +745,7 @@ def validate_dataset(df:pd.DataFrame, # canonical table
     if len(df) == 0: report.add("columns", "The table has no rows. Check the labels file and img_dir.")
     if {"image_id", "patient_id", "eye", "path"} <= set(df.columns): _check_ids(df, report)
     _check_labels(df, report, [c for c in columns if c in df.columns])
+    if task == "disease" and set(ODIR_LABELS) <= set(df.columns): _check_one_diagnosis(df, report)
     if "path" in df.columns: _check_files(df, report, check_images, max_workers)
     return report
 

@@ -23,6 +23,7 @@ from .augment import TTA_VIEWS, tta_predict, tta_views, valid_transform
 from .calibration import expected_calibration_error, quadratic_kappa
 from .cli import _check_device, _dataset_arguments, _loader_arguments, _read_checked, command, fraction, non_negative_int
 from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, get_device, save_json
+from .data import disease_labels
 from .metrics import classification_metrics
 from .multilabel import multilabel_metrics
 from .multitask import load_any_model, multitask_metrics, selection_score
@@ -463,8 +464,9 @@ def evaluate_model(model_path, # best_model.pth written by training, a folder of
     config, configs = models[0][1], [c for _, c, _ in models]
     if len(df) == 0: raise ValueError("The table to evaluate is empty.")
     task = config["task"]
-    if task not in ("dr", "dme", "multitask", "multilabel"):
-        raise NotImplementedError(f"{models[0][2]} is a {task!r} model; evaluation covers the tasks dr, dme, multitask and multilabel.")
+    if task not in ("dr", "dme", "multitask", "multilabel", "disease"):
+        raise NotImplementedError(f"{models[0][2]} is a {task!r} model; evaluation covers the tasks dr, dme, multitask, multilabel and disease.")
+    if task == "disease": df = df.assign(disease=disease_labels(df, config["codes"]))  # class index among the model's codes
     groups = df["patient_id"].astype(str).to_numpy() if df["patient_id"].notna().all() else None
     if task == "multilabel":
         columns = list(config["label_columns"])

@@ -34,7 +34,8 @@ from .checkpoints import (DeviceMixedPrecision, GradualUnfreeze, StopOnNonFinite
                                     resolve_precision, restore_rng_state, rng_state, save_training_checkpoint)
 from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, get_device, save_json, set_seed
 from .device import distributed_context, is_main_process
-from .data import DME_GRADES, DR_GRADES, ODIR_NAMES, TASKS, UNIFIED_LABELS, patient_split, read_rgb
+from .data import (DME_GRADES, DR_GRADES, ODIR_NAMES, TASKS, UNIFIED_LABELS, disease_classes, disease_labels,
+                             patient_split, read_rgb)
 from .losses import (MULTICLASS_LOSSES, MULTILABEL_LOSSES, class_balanced_weights, inverse_frequency_weights,
                                make_loss)
 from .metrics import fastai_metrics
@@ -318,12 +319,12 @@ def save_figure(fig:plt.Figure, # the figure to write
     return Path(path)
 
 # %% ../nbs/07_train.ipynb #3f0af511
-TRAIN_TASKS = ("dr", "multitask", "multilabel")
+TRAIN_TASKS = ("dr", "multitask", "multilabel", "disease")
 TASK_CLASS_NAMES = {"dr": list(DR_GRADES), "dme": list(DME_GRADES), "multilabel": [ODIR_NAMES[c] for c in UNIFIED_LABELS]}
 MULTILABEL_TRAIN_LOSSES = MULTILABEL_LOSSES + ("bce",)
 SCHEDULES = ("one_cycle", "cosine")
 UNFREEZE_MODES = ("none", "gradual")
-MONITOR = {"dr": "qwk", "multitask": "score", "multilabel": "macro_f1"}
+MONITOR = {"dr": "qwk", "multitask": "score", "multilabel": "macro_f1", "disease": "macro_f1"}
 RESUME_MAY_DIFFER = ("resume", "num_workers", "device", "cache_dir", "save_dir", "save_freq", "callbacks")
 
 class LossScheduleCallback(Callback):
@@ -333,11 +334,11 @@ class LossScheduleCallback(Callback):
         for module in self.learn.loss_func.modules():
             if hasattr(module, "set_epoch"): module.set_epoch(self.epoch, self.n_epoch)
 
-def _check_task(task:str, num_classes:int|None) -> dict[str, int]:
+def _check_task(task:str, num_classes:int|None, codes:list[str]=()) -> dict[str, int]:
     "The label columns of a supported task with their numbers of classes."
     if task not in TASKS: raise ValueError(f"Unknown task {task!r}: use one of {TASKS}.")
     if task not in TRAIN_TASKS:
-        raise NotImplementedError(f"task {task!r} is not supported yet; use --task dr, multitask or multilabel")
+        raise NotImplementedError(f"task {task!r} is not supported yet; use --task dr, multitask, multilabel or disease")
     if task == "multitask":
         if num_classes is not None:
             raise ValueError(f"The multi-task model has 5 DR grades and 3 DME grades; leave num_classes out (got {num_classes}).")
@@ -346,6 +347,10 @@ def _check_task(task:str, num_classes:int|None) -> dict[str, int]:
         if num_classes not in (None, len(UNIFIED_LABELS)):
             raise ValueError(f"The multi-label task has {len(UNIFIED_LABELS)} labels {UNIFIED_LABELS}; got num_classes={num_classes}.")
         return {c: 2 for c in UNIFIED_LABELS}
+    if task == "disease":
+        if num_classes is not None and num_classes != len(codes):
+            raise ValueError(f"The training data has {len(codes)} diagnoses {codes}; got num_classes={num_classes}.")
+        return {"disease": len(codes)}
     if num_classes not in (None, len(DR_GRADES)):
         raise ValueError(f"DR grading has {len(DR_GRADES)} grades (0-4); got num_classes={num_classes}.")
     return {"dr": len(DR_GRADES)}
@@ -382,7 +387,7 @@ def _task_loss(task:str, loss:str, counts:list[int]|None, focal_gamma:float, los
     if task == "multilabel" and loss != "sigmoid_focal": return make_loss(loss, **loss_params)
     return make_loss(loss, class_counts=counts, gamma=focal_gamma, **loss_params)
 
-def _describe_data(task:str, class_counts:dict, loss:str, loss_params:dict):
+def _describe_data(task:str, class_counts:dict, loss:str, loss_params:dict, class_names:list[str]|None=None):
     "Print the training split's class distribution and, for weighted losses, the class weights."
     print("Class distribution (training split):")
     if task == "multilabel":
@@ -390,7 +395,7 @@ def _describe_data(task:str, class_counts:dict, loss:str, loss_params:dict):
         for c in UNIFIED_LABELS: print(f"   {c} {ODIR_NAMES[c]}: {class_counts[c][1]} positive ({100 * class_counts[c][1] / n:.1f}%)")
         return
     for column, counts in class_counts.items():
-        names = TASK_CLASS_NAMES[column]
+        names = class_names or TASK_CLASS_NAMES[column]
         for k, count in enumerate(counts): print(f"   {column} {k} {names[k]}: {count} ({100 * count / sum(counts):.1f}%)")
         if loss in ("weighted_ce", "cb_focal"):
             weights = (inverse_frequency_weights(counts) if loss == "weighted_ce"
@@ -465,7 +470,11 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("df", "valid_df", "callbacks")}
     arguments.update(valid_df=None if valid_df is None else len(valid_df), callbacks=[type(c).__name__ for c in callbacks or []],
                      loss_params=dict(loss_params or {}))
-    task_classes = _check_task(task, num_classes)
+    codes = disease_classes(df if valid_df is None else pd.concat([df, valid_df])) if task == "disease" else []
+    if task == "disease":  # one diagnosis per image among the ODIR codes present: a single-label class index
+        df = df.assign(disease=disease_labels(df, codes))
+        if valid_df is not None: valid_df = valid_df.assign(disease=disease_labels(valid_df, codes))
+    task_classes = _check_task(task, num_classes, codes)
     loss = arguments["loss"] = _check_loss(task, loss, focal_gamma)
     _check_engine(task, two_stage, epochs, epochs_stage1, epochs_stage2, schedule, unfreeze, lora_r, patience,
                   save_freq, grad_clip, warmup_epochs)
@@ -477,7 +486,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     save_dir, torch_device = Path(save_dir), get_device(device)
     precision = resolve_precision(mixed_precision, torch_device)
     saved = load_training_checkpoint(resume) if resume is not None else None
-    label_col = "dr" if task == "dr" else list(task_classes)
+    label_col = task if task in ("dr", "disease") else list(task_classes)
     cache = None
     if cache_dir is not None:
         df = build_cache(df, cache_dir, size=image_size, num_workers=max(num_workers, 1))
@@ -501,10 +510,12 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
                         "label_columns": list(task_classes), "timm_kwargs": {},
                         "uncertainty": {"kinds": model.uncertainty.kinds, "non_negative": model.uncertainty.non_negative}}
     else:
-        n_outputs, timm_kwargs = len(UNIFIED_LABELS) if task == "multilabel" else task_classes["dr"], input_size_kwargs(model_name, image_size)
+        n_outputs, timm_kwargs = len(UNIFIED_LABELS) if task == "multilabel" else task_classes[task], input_size_kwargs(model_name, image_size)
         model = DRClassifier(model_name, num_classes=n_outputs, pretrained=pretrained, dropout=dropout, **timm_kwargs)
-        model_config = {"model_name": model_name, "num_classes": n_outputs, "class_names": TASK_CLASS_NAMES[task if task == "multilabel" else "dr"],
-                        "task": task, "label_columns": list(UNIFIED_LABELS) if task == "multilabel" else ["dr"], "timm_kwargs": timm_kwargs}
+        model_config = {"model_name": model_name, "num_classes": n_outputs,
+                        "class_names": [ODIR_NAMES[c] for c in codes] if task == "disease" else TASK_CLASS_NAMES[task],
+                        "task": task, "label_columns": list(UNIFIED_LABELS) if task == "multilabel" else [task], "timm_kwargs": timm_kwargs,
+                        **({"codes": codes} if task == "disease" else {})}
     if lora_r is not None: add_lora(model, lora_r, lora_alpha, lora_dropout)
     model_config.update(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                         preprocessing=dict(MEDICAL_PREPROCESSING if medical_preprocess else PREPROCESSING), dropout=dropout)
@@ -515,7 +526,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     run_config = {**arguments, **model_config, "arguments": arguments, "precision": precision,
                   "total_epochs": sum(s[0] for s in stages), "optimizer": "AdamW (fastai Adam, decoupled weight decay)",
                   "train_class_counts": class_counts, "augmentation": augment, "cache": cache, "monitor": MONITOR[task],
-                  "selection": {"dr": "validation qwk", "multilabel": "validation macro_f1",
+                  "selection": {"dr": "validation qwk", "multilabel": "validation macro_f1", "disease": "validation macro_f1",
                                 "multitask": "validation score = mean of dr_qwk and dme_accuracy"}[task],
                   "device": str(torch_device), "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds),
                   "n_train_patients": int(dls.train_ds.df.patient_id.nunique()),
@@ -539,14 +550,14 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
         if task == "multilabel":
             from fundus_lab.multilabel import fastai_multilabel_metrics  # the unified chapter's metrics
             metrics = fastai_multilabel_metrics()
-        else: metrics = fastai_metrics(task_classes["dr"])
-        learn = Learner(dls, model, loss_func=task_losses[task if task == "multilabel" else "dr"], opt_func=Adam, lr=lr,
+        else: metrics = fastai_metrics(task_classes[task])
+        learn = Learner(dls, model, loss_func=task_losses[task], opt_func=Adam, lr=lr,
                         wd=weight_decay, metrics=metrics, path=save_dir, cbs=[*engine, *(callbacks or [])],
                         **({"splitter": backbone_splitter} if unfreeze == "gradual" else {}))
     print(_device_line(torch_device) + (f", mixed precision {precision}" if precision != "no" else ""))
     print(f"Training {model_name} ({task}, loss {loss}) on {run_config['n_train']} images ({run_config['n_train_patients']} "
           f"patients), validating on {run_config['n_valid']} ({run_config['n_valid_patients']} patients).")
-    _describe_data(task, class_counts, loss, arguments["loss_params"])
+    _describe_data(task, class_counts, loss, arguments["loss_params"], model_config["class_names"] if task == "disease" else None)
     if saved is not None: print(f"Resuming from {resume}: {saved['epochs_done']} of {run_config['total_epochs']} epochs done.")
     for stage, (n_epoch, stage_lr, banner) in enumerate(stages, 1):
         start, restore = 0, None
