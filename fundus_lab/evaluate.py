@@ -525,6 +525,14 @@ SUMMARY_NAMES = {"accuracy": "accuracy", "qwk": "quadratic weighted kappa", "mac
                  "auc_macro": "macro AUROC", "aupr_macro": "macro AUPR", "ece": "calibration error (ECE)",
                  "odir_score": "ODIR-5K score"}
 
+def _report_rows(rows:dict, first:str, threshold:bool=False) -> list[str]:
+    "Lines of a per-class (or per-label) report: precision, recall, F1, support, AUROC and, if asked, the threshold."
+    width = max(len(first), *map(len, rows))
+    header = f"{first:<{width}}  precision  recall      f1  support     auc" + ("  threshold" if threshold else "")
+    return ["", header] + [f"{name:<{width}}  {_number(m['precision'], 3):>9}  {_number(m['recall'], 3):>6}  {_number(m['f1'], 3):>6}"
+                           f"  {m['support']:>7}  {_number(m['auc'], 3):>6}" + (f"  {_number(m['threshold'], 2):>9}" if threshold else "")
+                           for name, m in rows.items()]
+
 def format_metrics(metrics:dict, # the result of `evaluate_model` / `classification_metrics` / `multitask_metrics`
                   ) -> str:
     "A text table of the summary metrics and, when present, the per-class report; one per task for a multi-task result."
@@ -536,18 +544,8 @@ def format_metrics(metrics:dict, # the result of `evaluate_model` / `classificat
     interval = lambda key: f"  [{_number(ci[key]['low'])}, {_number(ci[key]['high'])}]" if key in ci else ""
     lines = [f"{label:<26}{_number(metrics[key]):>8}{interval(key)}" for key, label in SUMMARY_NAMES.items() if key in metrics]
     lines.append(f"{'images':<26}{metrics['n']:>8}")
-    per_label = metrics.get("per_label")
-    if per_label:
-        width = max(len("label"), *map(len, per_label))
-        lines += ["", f"{'label':<{width}}  precision  recall      f1  support     auc  threshold"]
-        lines += [f"{name:<{width}}  {_number(m['precision'], 3):>9}  {_number(m['recall'], 3):>6}  {_number(m['f1'], 3):>6}"
-                  f"  {m['support']:>7}  {_number(m['auc'], 3):>6}  {_number(m['threshold'], 2):>9}" for name, m in per_label.items()]
-    per_class = metrics.get("per_class")
-    if per_class:
-        width = max(len("class"), *map(len, per_class))
-        lines += ["", f"{'class':<{width}}  precision  recall      f1  support     auc"]
-        lines += [f"{name:<{width}}  {_number(m['precision'], 3):>9}  {_number(m['recall'], 3):>6}  {_number(m['f1'], 3):>6}"
-                  f"  {m['support']:>7}  {_number(m['auc'], 3):>6}" for name, m in per_class.items()]
+    if metrics.get("per_label"): lines += _report_rows(metrics["per_label"], "label", threshold=True)
+    if metrics.get("per_class"): lines += _report_rows(metrics["per_class"], "class")
     referable = metrics.get("referable")
     if referable:
         lines += ["", f"referable DR (grade >= 2; {referable['n_referable']} of {metrics['n']} images): "
