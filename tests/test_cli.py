@@ -14,16 +14,30 @@ COMMAND_OPTIONS = {
               "--advanced-aug", "--no-advanced-aug", "--medical-preprocess", "--no-medical-preprocess", "--cache-dir"],
     "evaluate": ["--labels-csv", "--img-dir", "--format", "--model-path", "--output-dir", "--batch-size",
                  "--num-workers", "--device"],
-    "bench": ["data", "--img-dir", "--size", "--n-images", "--epochs"],
+    "bench": ["data", "train", "--img-dir", "--size", "--n-images", "--epochs", "--model-name", "--steps", "--lora"],
+    "tune": ["--hp-config", "--n-trials", "--experiment", "--storage", "--pruner", "--labels-csv", "--save-dir"],
+    "analyze-study": ["--experiment", "--storage", "--save-dir", "--top", "--save-configs"],
+    "export": ["--model-path", "--onnx", "--opset", "--tolerance"],
+    "predict": ["--model-path", "--output", "--tta"],
 }
+
+
+def test_lazy_commands_register_with_their_listed_summary():
+    from fundus_lab.cli import LAZY_COMMANDS, load_command
+    for name, (module, summary) in LAZY_COMMANDS.items():
+        command = load_command(name)
+        assert command is not None, f"{module} does not register {name!r}"
+        assert command.summary == summary, f"{name}: {command.summary!r} in {module} vs {summary!r} in LAZY_COMMANDS"
+    assert set(COMMAND_OPTIONS) == {"synth", "train", *LAZY_COMMANDS}
 
 
 def test_help_lists_every_command(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: fundus-lab")
+    listing = " ".join(result.stdout.split())  # argparse wraps long summaries
     for name, c in COMMANDS.items():
-        assert name in result.stdout and c.summary in result.stdout
+        assert name in listing and c.summary in listing
 
 
 @pytest.mark.parametrize("name", sorted(COMMAND_OPTIONS))
