@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     for _, page in pages:
         if not (PROC/page).exists(): problems.append(f"_proc/{page} was not produced"); continue
         nb = nbformat.read(PROC/page, as_version=4)
+        for cell in nb.cells: cell.metadata.pop("execution", None)  # nbdev's timings are not valid nbformat metadata
         notebooks[page] = nb
         problems += page_problems(nb, page)
         if any(c.cell_type == "markdown" and re.search(r"^#{2,4} \S+", c.source) and "[source]" in c.source for c in nb.cells) \
