@@ -499,7 +499,8 @@ def evaluate_model(model_path, # best_model.pth written by training, a folder of
             confusion = plot_label_confusion(labels[name], probs[name], class_names[name], MULTILABEL_THRESHOLD)
             title = f"{task}: macro F1 {m['macro_f1']:.3f}, n={m['n']}"
         else:
-            title = f"{name.upper()}: QWK {m['qwk']:.3f}, accuracy {m['accuracy']:.3f}, n={m['n']}"
+            title = (f"{name.upper()}: macro F1 {m['macro_f1']:.3f}" if task == "disease" else f"{name.upper()}: QWK {m['qwk']:.3f}") \
+                    + f", accuracy {m['accuracy']:.3f}, n={m['n']}"
             confusion = plot_confusion_matrix(m["confusion_matrix"], class_names[name], title)
         _save_png(confusion, output_dir/f"confusion_matrix{suffix}.png")
         _save_png(plot_roc_curves(labels[name], probs[name], class_names[name], m.get("referable"), f"{title.split(':')[0]}: ROC curves"),
@@ -542,7 +543,9 @@ def format_metrics(metrics:dict, # the result of `evaluate_model` / `classificat
         return "\n".join(lines + _gap_lines(metrics.get("generalisation_gap")))
     ci = metrics.get("ci") or {}
     interval = lambda key: f"  [{_number(ci[key]['low'])}, {_number(ci[key]['high'])}]" if key in ci else ""
-    lines = [f"{label:<26}{_number(metrics[key]):>8}{interval(key)}" for key, label in SUMMARY_NAMES.items() if key in metrics]
+    unordered = metrics.get("task") == "disease"  # diagnoses have no order: kappa with quadratic weights means nothing
+    lines = [f"{label:<26}{_number(metrics[key]):>8}{interval(key)}" for key, label in SUMMARY_NAMES.items()
+             if key in metrics and not (unordered and key == "qwk")]
     lines.append(f"{'images':<26}{metrics['n']:>8}")
     if metrics.get("per_label"): lines += _report_rows(metrics["per_label"], "label", threshold=True)
     if metrics.get("per_class"): lines += _report_rows(metrics["per_class"], "class")

@@ -143,3 +143,26 @@ def test_evaluate_command_writes_every_report(model_file, dr_dataset, tmp_path, 
 def test_evaluate_command_rejects_bad_options(model_file, dr_dataset, capsys, option, value, phrase):
     assert main(["evaluate", "--labels-csv", str(dr_dataset/"labels.csv"), "--model-path", str(model_file), option, value]) == 2
     assert phrase in capsys.readouterr().err
+
+
+def test_disease_task_from_class_folders_end_to_end(tmp_path, tiny_model):
+    "Class folders of single diagnoses -> `train --task disease` -> `evaluate`: metrics equal scikit-learn's on predictions.csv."
+    from PIL import Image
+    from fundus_lab.synth import synth_fundus
+    findings = {"normal": {}, "glaucoma": {"glaucoma": 1}, "cataract": {"cataract": 1}}
+    for part, seeds in (("train", range(8)), ("test", range(100, 104))):
+        for folder, finding in findings.items():
+            (tmp_path/part/folder).mkdir(parents=True)
+            for i in seeds: Image.fromarray(synth_fundus(seed=i, size=64, **finding)).save(tmp_path/part/folder/f"{i}_left.jpg")
+    assert main(["train", "--task", "disease", "--img-dir", str(tmp_path/"train"), "--save-dir", str(tmp_path/"model"),
+                 *tiny_model]) == 0
+    assert main(["evaluate", "--img-dir", str(tmp_path/"test"), "--model-path", str(tmp_path/"model/best_model.pth"),
+                 "--output-dir", str(tmp_path/"evaluation")]) == 0
+    metrics = json.loads((tmp_path/"evaluation/metrics.json").read_text())
+    table = pd.read_csv(tmp_path/"evaluation/predictions.csv")
+    assert metrics["task"] == "disease" and metrics["n"] == 12 and len(table) == 12
+    assert list(metrics["per_class"]) == ["Normal", "Glaucoma", "Cataract"]
+    truth = [{"normal": 0, "glaucoma": 1, "cataract": 2}[p.split("/")[-2]] for p in table.path]
+    probs = table[[c for c in table.columns if c.startswith("prob_")]].to_numpy()
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(truth, probs.argmax(1)))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, probs.argmax(1), average="macro", zero_division=0))
