@@ -292,8 +292,6 @@ def train_folds(df:pd.DataFrame, # canonical table of all labelled images
                 **train_kwargs, # keyword arguments of `train_model` (task, model_name, epochs, ...)
                ) -> dict:
     "Patient-stratified K-fold cross-validation: one `train_model` run per fold; writes and returns the summary."
-    if "valid_df" not in inspect.signature(train_model).parameters:
-        raise NotImplementedError("Cross-validation needs train_model(valid_df=...), which this version of fundus_lab.train lacks.")
     save_dir = Path(save_dir)
     if tracker == "mlflow" and tracking_uri is None: tracking_uri = str(save_dir/"mlruns")
     task, seed = train_kwargs.get("task", "dr"), train_kwargs.get("random_seed", 42)
