@@ -220,7 +220,9 @@ def resolve_precision(mixed_precision, # 'no', 'auto', 'fp16', 'bf16', or True (
     if isinstance(mixed_precision, bool) or mixed_precision is None: mixed_precision = "auto" if mixed_precision else "no"
     if mixed_precision not in PRECISIONS: raise ValueError(f"mixed_precision must be one of {PRECISIONS} or a bool, got {mixed_precision!r}.")
     cuda = device.type == "cuda"
-    if mixed_precision == "auto": return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if mixed_precision == "auto":
+        if cuda: return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "mps" else "no"
     if mixed_precision == "fp16" and not cuda:
         raise ValueError(f"mixed_precision='fp16' needs a CUDA GPU (training on {device}); use 'bf16' or 'no'.")
     return mixed_precision
