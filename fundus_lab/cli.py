@@ -254,6 +254,9 @@ def _dataset_arguments(parser:argparse.ArgumentParser, what:str):
     parser.add_argument("--img-dir", type=Path,
                         help="folder of the images (an images/ sub-folder is searched too); default: the labels table's folder")
     parser.add_argument("--format", choices=FORMATS, help="format of the labels table (default: detected from its columns)")
+    parser.add_argument("--keep-ungradable", action="store_true", default=None,
+                        help="Messidor-2: keep the images judged ungradable (empty grades, which the check then lists) "
+                             "instead of dropping them")
 
 def _loader_arguments(parser:argparse.ArgumentParser, batch_size:int):
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per batch (default: %(default)s)")
@@ -368,7 +371,8 @@ def _read_checked(args:argparse.Namespace, task:str, purpose:str):
     if args.labels_csv is None and args.img_dir is None:
         raise CommandError("pass --labels-csv (the labels table) and/or --img-dir (the image folder; "
                            "with one sub-folder per class when there is no labels table).")
-    df = read_dataset(args.labels_csv, img_dir=args.img_dir, format=args.format, label_col=task)
+    df = read_dataset(args.labels_csv, img_dir=args.img_dir, format=args.format, label_col=task,
+                      drop_ungradable=not getattr(args, "keep_ungradable", None))
     print(f"Checking {len(df)} images of {args.labels_csv or args.img_dir} ...", flush=True)
     try: return check_dataset(df, task)
     except DatasetError as e:
@@ -435,7 +439,7 @@ def cmd_train(args:argparse.Namespace) -> int:
     import importlib.util, timm
     options = train_options(args)
     run = {k: options.pop(k, default) for k, default in RUN_DEFAULTS.items()}
-    data = argparse.Namespace(**{k: options.pop(k, None) for k in ("labels_csv", "img_dir", "format")})
+    data = argparse.Namespace(**{k: options.pop(k, None) for k in ("labels_csv", "img_dir", "format", "keep_ungradable")})
     _check_device(options.get("device", TRAIN_DEFAULTS["device"]))
     model_name = options.get("model_name", DEFAULT_MODEL_NAME)
     if not timm.is_model(model_name):
@@ -455,7 +459,7 @@ def cmd_train(args:argparse.Namespace) -> int:
     except RuntimeError as e:
         if not isinstance(e.__cause__, OSError): raise
         raise CommandError(str(e)) from e
-    recorded = {k: Path(v).absolute() if k != "format" else v for k, v in vars(data).items() if v is not None}
+    recorded = {k: Path(v).absolute() if k in ("labels_csv", "img_dir") else v for k, v in vars(data).items() if v is not None}
     tracking = {k: v for k, v in run.items() if v is not None}
     save_training_config({**recorded, **({"folds": folds} if folds else {}), **tracking, **options}, save_dir/"train_options.yaml")
     if folds is None:

@@ -22,9 +22,10 @@ from .core import IMAGE_EXTENSIONS
 
 # %% auto #0
 __all__ = ['DR_GRADES', 'DME_GRADES', 'ODIR_LABELS', 'UNIFIED_LABELS', 'ODIR_NAMES', 'LABEL_RANGES', 'CANONICAL_COLUMNS',
-           'FOLDER_LABEL_COLUMNS', 'FORMAT_COLUMNS', 'READERS', 'TASKS', 'DatasetError', 'ImageReadError',
-           'to_canonical', 'image_folders', 'match_images', 'read_rgb', 'read_aptos', 'read_eyepacs', 'read_idrid',
-           'read_messidor2', 'odir_keyword_flags', 'read_odir', 'read_folder', 'detect_format', 'read_dataset',
+           'ODIR_KEYWORDS', 'ODIR_DR_LEFT_OUT', 'FOLDER_LABEL_COLUMNS', 'FORMAT_COLUMNS', 'READERS', 'TASKS',
+           'DatasetError', 'ImageReadError', 'to_canonical', 'image_folders', 'match_images', 'read_rgb', 'read_aptos',
+           'read_eyepacs', 'read_idrid', 'read_messidor2', 'odir_keyword_label', 'odir_keyword_flags',
+           'odir_patient_flags', 'odir_dr_grade', 'read_odir', 'read_folder', 'detect_format', 'read_dataset',
            'task_label_columns', 'disease_classes', 'disease_labels', 'patient_split', 'patient_kfold',
            'ValidationReport', 'validate_dataset', 'check_dataset']
 
@@ -224,10 +225,24 @@ def read_rgb(path, # an image file: JPEG, PNG, TIFF, BMP, WebP...
 
 # %% ../nbs/01_data.ipynb #55301f28
 _SPREADSHEET_ENGINES = {".xlsx": "openpyxl", ".xlsm": "openpyxl", ".xls": "xlrd"}
+_KNOWN_COLUMNS = list(dict.fromkeys([
+    "id_code", "diagnosis", "image", "level", "Image name", "Retinopathy grade", "Risk of macular edema", "image_id",
+    "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable", "ID", "Left-Fundus", "Right-Fundus",
+    "Left-Diagnostic Keywords", "Right-Diagnostic Keywords", "filename", *CANONICAL_COLUMNS]))
+
+def _column_key(name) -> str: return re.sub(r"\s+", "", str(name)).lower()
+
+def _known_spelling(columns, # column names as found in a table
+                   ) -> list[str]:
+    "`columns` stripped, each one the readers know (matched ignoring case and spaces) spelt as they expect it."
+    known = {_column_key(c): c for c in _KNOWN_COLUMNS}
+    keys = [_column_key(c) for c in columns]
+    repeated = {k for k, n in Counter(keys).items() if n > 1}
+    return [known[k] if k in known and k not in repeated else str(c).strip() for c, k in zip(columns, keys)]
 
 def _read_table(source, # a CSV/TSV/XLSX path or a DataFrame
                ) -> pd.DataFrame:
-    "The labels table as text cells with stripped column names and no empty unnamed columns."
+    "The labels table as text cells with known column names spelt as the readers expect and no empty unnamed columns."
     if isinstance(source, pd.DataFrame): table = source.copy()
     else:
         path = Path(source).expanduser()
@@ -245,7 +260,7 @@ def _read_table(source, # a CSV/TSV/XLSX path or a DataFrame
             else: table = pd.read_csv(path, dtype=str, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8-sig")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
             raise DatasetError(f"Labels file {path} cannot be read as a table ({e}). Check it is a CSV with a header row.") from None
-    table.columns = [str(c).strip() for c in table.columns]
+    table.columns = _known_spelling(table.columns)
     empty_unnamed = [c for c in table.columns if c.startswith("Unnamed:") and table[c].isna().all()]
     return table.drop(columns=empty_unnamed)
 
@@ -331,64 +346,210 @@ def read_messidor2(csv, # the adjudicated grades table, path or DataFrame
         ungradable = (_as_label(t["adjudicated_gradable"], "adjudicated_gradable") == 0).fillna(False).to_numpy(bool)
         if ungradable.any():
             warnings.warn(f"Messidor-2: dropped {ungradable.sum()} of {len(t)} images judged ungradable "
-                          f"(adjudicated_gradable = 0), e.g. {list(t['image_id'][ungradable][:3])}. "
-                          "Pass drop_ungradable=False to keep them with empty labels.", stacklevel=2)
+                          f"(adjudicated_gradable = 0), e.g. {list(t['image_id'][ungradable][:3])}. To keep them "
+                          "with empty labels pass --keep-ungradable (fundus-lab) or drop_ungradable=False (Python).",
+                          stacklevel=2)
             t = t[~ungradable].reset_index(drop=True)
     dme = _as_label(t["adjudicated_dme"], "adjudicated_dme").replace({1: 2}) if "adjudicated_dme" in t.columns else None
     return _build(t["image_id"], img_dir, ".png", _optional(t, "patient_id"), _optional(t, "eye"),
                   dr=_as_label(t["adjudicated_dr_grade"], "adjudicated_dr_grade"), dme=dme)
 
 # %% ../nbs/01_data.ipynb #5568de29
-_NON_DIAGNOSTIC = re.compile(r"lens dust|image quality|image offset|photographically invisible|no fundus image|"
-                             r"anterior segment image")
-_KEYWORD_FLAGS = [("N", r"\bnormal\b"), ("H", r"hypertensi"), ("M", r"myopi"), ("G", r"glaucoma"),
-                  ("C", r"cataract"), ("A", r"macular degeneration|\bamd\b|drusen"),
+ODIR_KEYWORDS = {
+    "normal fundus": "N",
+    **dict.fromkeys(["mild nonproliferative retinopathy", "moderate non proliferative retinopathy",
+                     "severe nonproliferative retinopathy", "proliferative diabetic retinopathy",
+                     "severe proliferative diabetic retinopathy", "diabetic retinopathy",
+                     "suspicious diabetic retinopathy"], "D"),
+    **dict.fromkeys(["glaucoma", "suspected glaucoma"], "G"),
+    "cataract": "C",
+    **dict.fromkeys(["dry age-related macular degeneration", "wet age-related macular degeneration"], "A"),
+    "hypertensive retinopathy": "H",
+    **dict.fromkeys(["pathological myopia", "myopia retinopathy"], "M"),
+    **dict.fromkeys([
+        "abnormal pigment", "arteriosclerosis", "atrophic change", "atrophy", "branch retinal artery occlusion",
+        "branch retinal vein occlusion", "central retinal vein occlusion", "central serous chorioretinopathy",
+        "chorioretinal atrophy", "chorioretinal atrophy with pigmentation proliferation", "choroidal nevus",
+        "depigmentation of the retinal pigment epithelium", "drusen", "epiretinal membrane",
+        "epiretinal membrane over the macula", "glial remnants anterior to the optic disc",
+        "idiopathic choroidal neovascularization", "intraretinal hemorrhage", "laser spot", "macular coloboma",
+        "macular epiretinal membrane", "macular hole", "macular pigmentation disorder", "maculopathy",
+        "myelinated nerve fibers", "old branch retinal vein occlusion", "old central retinal vein occlusion",
+        "old chorioretinopathy", "optic disc edema", "optic disk epiretinal membrane", "oval yellow-white atrophy",
+        "peripapillary atrophy", "pigment epithelium proliferation", "pigmentation disorder",
+        "post laser photocoagulation", "post retinal laser surgery", "refractive media opacity", "retina fold",
+        "retinal pigment epithelial hypertrophy", "retinal pigment epithelium atrophy", "retinal pigmentation",
+        "retinitis pigmentosa", "retinochoroidal coloboma", "spotted membranous change", "tessellated fundus",
+        "vessel tortuosity", "vitreous degeneration", "white vessel"], "O"),
+    **dict.fromkeys(["lens dust", "low image quality", "image offset", "optic disk photographically invisible",
+                     "no fundus image", "anterior segment image"], None),
+}
+_NOT_A_DIAGNOSIS = re.compile(r"lens dust|image quality|image offset|photographically invisible|no fundus image|"
+                              r"anterior segment image")
+_KEYWORD_RULES = [("N", r"\bnormal\b"), ("H", r"hypertensi"), ("M", r"myopi"), ("G", r"glaucoma"),
+                  ("C", r"cataract"), ("A", r"macular degeneration|\bamd\b"),
                   ("O", r"vitreoretinopathy|chorioretinopathy"), ("D", r"diabetic|proliferative|retinopathy|\bdr\b")]
+
+def _keywords(text) -> list[str]:
+    "One eye's keywords: split at ASCII or full-width commas, lower case, single spaces, '_' read as a space."
+    parts = re.split(r"[,，;、]", text if isinstance(text, str) else "")
+    return [k for k in (" ".join(p.lower().replace("_", " ").split()) for p in parts) if k]
+
+def odir_keyword_label(keyword:str, # one diagnostic keyword, e.g. 'drusen'
+                      ) -> str|None:
+    "The ODIR flag (N, D, G, C, A, H, M or O) one keyword sets; None for a remark on the photo, not a diagnosis."
+    keyword = " ".join(keyword.lower().replace("_", " ").split())
+    if _NOT_A_DIAGNOSIS.search(keyword): return None
+    return next((code for code, pattern in _KEYWORD_RULES if re.search(pattern, keyword)), "O")
 
 def odir_keyword_flags(keywords:str, # one eye's diagnostic keywords, comma separated
                       ) -> dict|None:
     "ODIR flags N..O (0/1) for one eye's diagnostic keywords; None when no keyword is a diagnosis."
-    found = set()
-    for keyword in re.split(r"[,，;、]", keywords if isinstance(keywords, str) else ""):
-        keyword = keyword.strip().lower().replace("_", " ")
-        if not keyword or _NON_DIAGNOSTIC.search(keyword): continue
-        found.add(next((code for code, pattern in _KEYWORD_FLAGS if re.search(pattern, keyword)), "O"))
+    found = {odir_keyword_label(k) for k in _keywords(keywords)} - {None}
     if not found: return None
     if found != {"N"}: found.discard("N")
     return {code: int(code in found) for code in ODIR_LABELS}
 
+def odir_patient_flags(left_keywords:str, # the left eye's diagnostic keywords
+                       right_keywords:str, # the right eye's diagnostic keywords
+                      ) -> dict|None:
+    "The patient flags ODIR publishes: a disease when either eye has it, N when every eye with a diagnosis is normal."
+    eyes = [f for f in (odir_keyword_flags(left_keywords), odir_keyword_flags(right_keywords)) if f is not None]
+    if not eyes: return None
+    return {code: int(all(f["N"] for f in eyes)) if code == "N" else max(f[code] for f in eyes) for code in ODIR_LABELS}
+
+# %% ../nbs/01_data.ipynb #efeb0932
+ODIR_DR_LEFT_OUT = {"ungraded": "diabetic retinopathy without a grade", "suspected": "suspected diabetic retinopathy",
+                    "laser": "laser scars without a DR grade", "hidden": "a cataract or opacity and no DR keyword",
+                    "no diagnosis": "no diagnostic keyword", "no keywords": "no keyword column"}
+_NPDR = re.compile(r"\b(?:(mild|moderate|severe)\s+)?non[\s-]?proliferative\b")
+_NPDR_GRADES = {"mild": 1, "moderate": 2, "severe": 3}
+_RETINA_HIDDEN = re.compile(r"cataract|opacity")
+
+def _odir_dr(keywords) -> tuple:
+    "(ICDR grade, None) from one eye's keywords, or (None, why) with `why` a key of ODIR_DR_LEFT_OUT."
+    words = [k for k in _keywords(keywords) if odir_keyword_label(k) is not None]
+    dr = [k for k in words if odir_keyword_label(k) == "D"]
+    suspected = [k for k in dr if re.search(r"suspect|suspici", k)]
+    grades = []
+    for k in dr:
+        if k in suspected: continue
+        npdr = _NPDR.search(k)
+        if npdr is None and "proliferative" in k: grades.append(4)
+        elif npdr is not None and npdr[1]: grades.append(_NPDR_GRADES[npdr[1]])
+    if grades: return max(grades), None
+    if suspected: return None, "suspected"
+    if dr: return None, "ungraded"
+    if any("laser" in k for k in words): return None, "laser"
+    if any(_RETINA_HIDDEN.search(k) for k in words): return None, "hidden"
+    return (0, None) if words else (None, "no diagnosis")
+
+def odir_dr_grade(keywords:str, # one eye's diagnostic keywords, comma separated
+                 ) -> int|None:
+    "The ICDR grade (0-4) of one eye from its ODIR keywords; None when they do not give one."
+    return _odir_dr(keywords)[0]
+
 # %% ../nbs/01_data.ipynb #54c6143d
-def read_odir(table, # ODIR-5K annotations: .csv, .xlsx (needs openpyxl) or DataFrame
+def _odir_sheet_eyes(t:pd.DataFrame) -> pd.DataFrame:
+    "Both eyes of every row of a sheet with one row per patient, left then right: table row, eye, image name."
+    patient = _as_str(t["ID"])
+    sides = []
+    for order, eye in enumerate(("left", "right")):
+        names = patient + f"_{eye}"
+        if f"{eye.title()}-Fundus" in t.columns: names = _as_str(t[f"{eye.title()}-Fundus"]).fillna(names)
+        sides.append(pd.DataFrame({"row": range(len(t)), "order": order, "eye": eye, "name": names}))
+    return pd.concat(sides).sort_values(["row", "order"], kind="stable").reset_index(drop=True)[["row", "eye", "name"]]
+
+def _odir_photo_eyes(t:pd.DataFrame) -> pd.DataFrame:
+    "The photo of every row of a table with one row per photo (`filename`, Kaggle's full_df.csv): row, eye, image name."
+    names = _as_str(t["filename"])
+    eyes = pd.Series(pd.NA, index=names.index, dtype="string")
+    for eye in ("left", "right"):
+        if f"{eye.title()}-Fundus" in t.columns:
+            eyes[(names == _as_str(t[f"{eye.title()}-Fundus"])).fillna(False).to_numpy(bool)] = eye
+    in_name = [_patient_and_eye(_split_image_name(n)[0])[1] if isinstance(n, str) else pd.NA for n in names]
+    eyes = eyes.fillna(pd.Series(in_name, dtype="string"))
+    unknown = eyes.isna().to_numpy()
+    if unknown.any():
+        raise DatasetError(f"{unknown.sum()} photo(s) of this ODIR table do not say which eye they show "
+                           f"({_show_rows(zip(np.flatnonzero(unknown), names[unknown]))}; rows counted from 0 after the "
+                           "header): `filename` must be the row's Left-Fundus or Right-Fundus, or end in _left/_right.")
+    return pd.DataFrame({"row": range(len(t)), "eye": eyes, "name": names})
+
+def _warn_differing_flags(t:pd.DataFrame):
+    "Warn about patients whose published flags N..O are not those their eyes' keywords give."
+    if not {"Left-Diagnostic Keywords", "Right-Diagnostic Keywords", *ODIR_LABELS} <= set(t.columns): return
+    patients = t.drop_duplicates("ID").reset_index(drop=True)
+    published = pd.DataFrame({c: _as_label(patients[c], c) for c in ODIR_LABELS})
+    differ = {}
+    for i, (left, right) in enumerate(zip(patients["Left-Diagnostic Keywords"], patients["Right-Diagnostic Keywords"])):
+        derived = odir_patient_flags(left, right)
+        wrong = [c for c in ODIR_LABELS if derived is not None and not pd.isna(published.at[i, c])
+                 and published.at[i, c] != derived[c]]
+        if wrong: differ[patients.at[i, "ID"]] = "".join(wrong)
+    if differ:
+        examples = ", ".join(f"ID {k}: {v}" for k, v in list(differ.items())[:5])
+        warnings.warn(f"ODIR: {len(differ)} of {len(patients)} patients have published flags N..O that differ from "
+                      f"those of their eyes' keywords ({examples}). Each photo's flags come from its eye's keywords; "
+                      "check these rows of the table.", stacklevel=3)
+
+def _exists(paths) -> np.ndarray:
+    "Whether each path is an existing file, from one listing per folder."
+    listed = {}
+    def exists(p):
+        if not isinstance(p, str): return False
+        folder = os.path.dirname(p)
+        if folder not in listed: listed[folder] = set(_list_files(folder))
+        return os.path.basename(p) in listed[folder]
+    return np.array([exists(p) for p in paths], dtype=bool)
+
+def _leave_out(work:pd.DataFrame, drop:np.ndarray, what:str, advice:str) -> pd.DataFrame:
+    "`work` without the rows in `drop`, with a warning counting and naming them."
+    if drop.any():
+        warnings.warn(f"ODIR: left out {drop.sum()} of {len(work)} photos {what}, e.g. "
+                      f"{work['image_id'][drop].head(3).tolist()}. {advice}", stacklevel=3)
+    return work[~drop].reset_index(drop=True)
+
+def read_odir(table, # ODIR-5K annotations (one row per patient) or Kaggle's full_df.csv (one per photo): .csv, .xlsx or DataFrame
               img_dir, # folder of the `<ID>_left.jpg` / `<ID>_right.jpg` images
               drop_unlabelled:bool=True, # drop eyes whose keywords are all non-diagnostic (with a warning)
+              drop_missing:bool=True, # leave out eyes whose photo is not in img_dir (with a warning)
+              task:str|None=None, # 'dr' or 'multitask': also leave out eyes whose keywords give no DR grade (with counts)
              ) -> pd.DataFrame:
-    "Canonical table of ODIR-5K, one row per eye, flags from each eye's diagnostic keywords."
-    t = _read_table(table)
+    "Canonical table of ODIR-5K, one row per eye photo; flags and DR grade from that eye's diagnostic keywords."
+    t = _read_table(table).reset_index(drop=True)
     _require(t, ["ID"], "ODIR-5K")
-    patient = _as_str(t["ID"])
-    patient_flags = {c: _as_label(t[c], c) if c in t.columns else pd.Series(pd.NA, index=t.index, dtype="Int64")
-                     for c in ODIR_LABELS}
-    eyes = []
-    for order, side in enumerate(("Left", "Right")):
-        eye = side.lower()
-        names = patient + f"_{eye}"
-        if f"{side}-Fundus" in t.columns: names = _as_str(t[f"{side}-Fundus"]).fillna(names)
-        if f"{side}-Diagnostic Keywords" in t.columns:
-            derived = [odir_keyword_flags(k) for k in t[f"{side}-Diagnostic Keywords"]]
-            flags = pd.DataFrame([f or {} for f in derived], columns=ODIR_LABELS)
-            labelled = [f is not None for f in derived]
-        else: flags, labelled = pd.DataFrame(patient_flags).reset_index(drop=True), True
-        eyes.append(pd.DataFrame({"name": names, "patient_id": patient, "eye": eye, "row": range(len(t)), "order": order,
-                                  "labelled": labelled, **{c: flags[c].astype("Int64") for c in ODIR_LABELS}}))
-    rows = pd.concat(eyes).sort_values(["row", "order"], kind="stable").reset_index(drop=True)
-    unlabelled = rows.loc[~rows["labelled"], "name"].tolist()
-    if unlabelled and drop_unlabelled:
-        warnings.warn(f"ODIR: dropped {len(unlabelled)} eyes whose keywords name no diagnosis (e.g. only 'lens dust' "
-                      f"or 'low image quality'), e.g. {unlabelled[:3]}. Pass drop_unlabelled=False to keep them "
-                      "with empty labels.", stacklevel=2)
-        rows = rows[rows["labelled"]].reset_index(drop=True)
-    return _build(rows["name"], img_dir, ".jpg", rows["patient_id"], rows["eye"],
-                  **{c: rows[c] for c in ODIR_LABELS})
+    _warn_differing_flags(t)
+    eyes = _odir_photo_eyes(t) if "filename" in t.columns else _odir_sheet_eyes(t)
+    sheet_flags = pd.DataFrame({c: _as_label(t[c], c) if c in t.columns else pd.Series(pd.NA, index=t.index, dtype="Int64")
+                                for c in ODIR_LABELS})
+    flags, grades, why = [], [], []
+    for row, eye in zip(eyes["row"], eyes["eye"]):
+        column = f"{eye.title()}-Diagnostic Keywords"
+        if column in t.columns:
+            flags.append(odir_keyword_flags(t.at[row, column])); grade, reason = _odir_dr(t.at[row, column])
+        else: flags.append(sheet_flags.iloc[row].to_dict()); grade, reason = None, "no keywords"
+        grades.append(grade); why.append(reason)
+    labels = {c: pd.array([pd.NA if f is None else f[c] for f in flags], dtype="Int64") for c in ODIR_LABELS}
+    work = _build(eyes["name"], img_dir, ".jpg", _as_str(t["ID"])[eyes["row"]].to_numpy(), eyes["eye"],
+                  dr=pd.array(grades, dtype="Int64"), **labels).assign(why=why, labelled=[f is not None for f in flags])
+    if drop_unlabelled:
+        work = _leave_out(work, ~work["labelled"].to_numpy(), "whose keywords name no diagnosis (only 'lens dust' or "
+                          "'low image quality', say)", "Pass drop_unlabelled=False to keep them with empty labels.")
+    if drop_missing and len(work):
+        found = _exists(work["path"])
+        if not found.any():
+            raise DatasetError(f"None of the {len(work)} photos this ODIR table names is in {image_folders(img_dir)[0]} "
+                               f"(e.g. {work['path'][0]}): pass the folder of its photos as img_dir (--img-dir).")
+        work = _leave_out(work, ~found, f"that are not in {os.path.dirname(work['path'][found.argmax()])}",
+                          "Pass drop_missing=False to keep them (the dataset check then lists them).")
+    if task in ("dr", "multitask"):
+        ungraded = work["dr"].isna().to_numpy()
+        counts = Counter(work["why"][ungraded])
+        reasons = ", ".join(f"{n} with {ODIR_DR_LEFT_OUT[k]}" for k, n in counts.most_common())
+        work = _leave_out(work, ungraded, f"whose keywords give no DR grade ({reasons})",
+                          "An eye with a diagnosis and no DR keyword is grade 0.")
+    return work[CANONICAL_COLUMNS]
 
 # %% ../nbs/01_data.ipynb #add6011b
 FOLDER_LABEL_COLUMNS = ("dr", "dme", "multilabel", "disease")
@@ -462,7 +623,7 @@ FORMAT_COLUMNS = {"aptos": ["id_code", "diagnosis"], "eyepacs": ["image", "level
 def detect_format(columns, # the column names of a labels table
                  ) -> str:
     "The dataset format whose columns `columns` has: 'aptos', 'eyepacs', 'idrid', 'messidor2', 'odir' (or 'canonical')."
-    found = [str(c).strip() for c in columns]
+    found = _known_spelling(columns)
     for name, needed in FORMAT_COLUMNS.items():
         if set(needed) <= set(found): return name
     if {"ID", *ODIR_LABELS} <= set(found): return "odir"
@@ -483,19 +644,21 @@ READERS = {"aptos": read_aptos, "eyepacs": read_eyepacs, "idrid": read_idrid, "m
 def read_dataset(labels_csv=None, # labels table (csv/xlsx path or DataFrame); None: img_dir has one folder per class
                  img_dir=None, # folder of the images; default: the labels file's folder
                  format:str|None=None, # one of READERS; None detects it from the columns
-                 label_col:str="dr", # for class folders: what the folder names are ('dr', 'dme', 'multilabel', 'disease')
+                 label_col:str|None=None, # the task the data is read for: class folders' labels (default 'dr'); ODIR with 'dr' keeps graded eyes
+                 drop_ungradable:bool=True, # Messidor-2: drop the images judged ungradable (with a warning)
                 ) -> pd.DataFrame:
     "Read any supported fundus dataset into the canonical table."
     if labels_csv is None:
         if img_dir is None: raise DatasetError("Pass labels_csv= (a labels table) and/or img_dir= (the image folder).")
-        return read_folder(img_dir, label_col)
+        return read_folder(img_dir, label_col or "dr")
     if img_dir is None:
         if isinstance(labels_csv, pd.DataFrame): raise DatasetError("Pass img_dir= (the image folder) with a DataFrame.")
         img_dir = Path(labels_csv).expanduser().resolve().parent
     table = _read_table(labels_csv)
     format = format or detect_format(table.columns)
     if format not in READERS: raise ValueError(f"Unknown format {format!r}: use one of {list(READERS)} or None to detect it.")
-    return READERS[format](table, img_dir)
+    options = {"messidor2": {"drop_ungradable": drop_ungradable}, "odir": {"task": label_col}}.get(format, {})
+    return READERS[format](table, img_dir, **options)
 
 # %% ../nbs/01_data.ipynb #74e4f767
 TASKS = ("dr", "dme", "multitask", "multilabel", "disease")

@@ -28,7 +28,7 @@ __all__ = ['CONFIG_DIR', 'RUN_OPTIONS', 'PATH_OPTIONS', 'DEFAULT_EXPERIMENT', 'R
 
 # %% ../nbs/10_experiments.ipynb #6f8cdf24
 CONFIG_DIR = PACKAGE_DIR/"configs"
-RUN_OPTIONS = {"labels_csv": "str", "img_dir": "str", "format": "str", "save_dir": "str", "folds": "int|None",
+RUN_OPTIONS = {"labels_csv": "str", "img_dir": "str", "format": "str", "keep_ungradable": "bool", "save_dir": "str", "folds": "int|None",
                "tracker": "str", "tracking_uri": "str|None", "experiment": "str|None"}
 PATH_OPTIONS = ("labels_csv", "img_dir", "save_dir", "cache_dir", "resume")
 _NOT_CONFIGURABLE = ("df", "save_dir", "callbacks", "valid_df")

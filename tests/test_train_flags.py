@@ -196,3 +196,21 @@ def test_packaged_cpu_recipe_parses():
     assert (options["model_name"], options["image_size"], options["batch_size"], options["two_stage"]) == \
         ("tf_efficientnet_lite0", 224, 16, True)
     assert options["epochs_stage2"] == 3 and options["pretrained"] is True and options["cache_dir"] is not None
+
+
+def test_keep_ungradable(data, tmp_path, capsys):
+    grades = pd.read_csv(data/"labels.csv")
+    messidor = pd.DataFrame({"image_id": grades.id_code + ".jpg", "adjudicated_dr_grade": grades.diagnosis,
+                             "adjudicated_gradable": 1})
+    messidor.to_csv(tmp_path/"gradable.csv", index=False)
+    save_dir = tmp_path/"kept"
+    train(capsys, "--labels-csv", tmp_path/"gradable.csv", "--img-dir", data, "--save-dir", save_dir, *TINY,
+          "--epochs", "1", "--batch-size", "8", "--keep-ungradable")
+    assert yaml.safe_load((save_dir/"train_options.yaml").read_text())["keep_ungradable"] is True
+    messidor.assign(adjudicated_dr_grade=[None] + messidor.adjudicated_dr_grade.tolist()[1:],
+                    adjudicated_gradable=[0] + [1] * (len(messidor) - 1)).to_csv(tmp_path/"one_ungradable.csv", index=False)
+    assert main(["train", "--labels-csv", str(tmp_path/"one_ungradable.csv"), "--img-dir", str(data), "--keep-ungradable",
+                 "--save-dir", str(tmp_path/"refused"), *TINY]) == 2
+    assert "dr label is missing" in capsys.readouterr().err and not (tmp_path/"refused").exists()
+    with pytest.warns(UserWarning, match="dropped 1 of 24 images judged ungradable.*--keep-ungradable"):
+        assert len(read_dataset(tmp_path/"one_ungradable.csv", img_dir=data)) == 23
