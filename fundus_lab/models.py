@@ -18,8 +18,8 @@ from .core import get_device, torch_save_atomic
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'FORMAT_VERSION', 'CONFIG_KEYS', 'convert_efficientnet_lite', 'lite0_imagenet_weights',
-           'create_backbone', 'BackboneModel', 'DRClassifier', 'check_config', 'save_model', 'save_checked_model',
-           'load_model']
+           'create_backbone', 'resolve_alias', 'BackboneModel', 'DRClassifier', 'check_config', 'save_model',
+           'save_checked_model', 'load_model']
 
 # %% ../nbs/06_models.ipynb #eb09e9a8
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -108,6 +108,18 @@ def create_backbone(model_name:str=DEFAULT_MODEL, # a timm model name, e.g. 'tf_
             "with fundus-lab.") from e
 
 # %% ../nbs/06_models.ipynb #9552811a
+def resolve_alias(name:str, # the project's argument name, e.g. 'dropout'
+                  value, # its value
+                  alias:str, # the other accepted name, e.g. 'dropout_rate'
+                  alias_value, # its value; None when not given
+                  default=None, # the value of `name` when neither is given
+                 ):
+    "The value given under `name` or its `alias`; an error if both are given with different values."
+    if alias_value is None: return default if value is None else value
+    if value is not None and value != alias_value:
+        raise ValueError(f"`{name}`={value!r} and `{alias}`={alias_value!r} name the same setting: pass one of them.")
+    return alias_value
+
 class BackboneModel(nn.Module):
     "Base for models made of a timm `backbone` and heads: freezing, training mode and parameter counts."
     backbone_frozen = False
@@ -137,6 +149,11 @@ class BackboneModel(nn.Module):
         return {"total": sum(p.numel() for p in self.parameters()),
                 "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
+    def get_num_params(self) -> tuple[int, int]:
+        "`parameter_counts()` as a (total, trainable) pair."
+        counts = self.parameter_counts()
+        return counts["total"], counts["trainable"]
+
 # %% ../nbs/06_models.ipynb #a8513dbc
 class DRClassifier(BackboneModel):
     "A timm backbone with a dropout + linear head producing one logit per class."
@@ -144,15 +161,18 @@ class DRClassifier(BackboneModel):
                  model_name:str=DEFAULT_MODEL, # timm model name of the backbone
                  num_classes:int=5, # number of outputs (5 DR grades by default)
                  pretrained:bool=True, # start the backbone from ImageNet weights
-                 dropout:float=0.2, # dropout probability before the linear layer
+                 dropout:float|None=None, # dropout probability before the linear layer (default 0.2)
+                 dropout_rate:float|None=None, # another name for `dropout`
                  **timm_kwargs, # passed on to `timm.create_model`, e.g. drop_path_rate
                 ):
         super().__init__()
+        dropout = resolve_alias("dropout", dropout, "dropout_rate", dropout_rate, default=0.2)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"`num_classes` must be a whole number >= 1, got {num_classes!r}.")
         if not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
         self.model_name, self.num_classes, self.dropout, self.timm_kwargs = model_name, num_classes, dropout, timm_kwargs
+        self.pretrained = pretrained
         self.backbone = create_backbone(model_name, pretrained, num_classes=0, **timm_kwargs)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.backbone.num_features, num_classes))
         self.backbone_frozen = False
@@ -160,6 +180,35 @@ class DRClassifier(BackboneModel):
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         "Logits, batch x num_classes, for a normalised batch x 3 x H x W."
         return self.head(self.backbone(x))
+
+    @property
+    def dropout_rate(self) -> float: return self.dropout
+
+    def summary(self):
+        "Print the backbone, feature width, classes, dropout, pretraining and parameter counts."
+        total, trainable = self.get_num_params()
+        print(f"DRClassifier with backbone: {self.model_name}\n"
+              f"  - Feature dimension: {self.backbone.num_features}\n"
+              f"  - Output classes: {self.num_classes}\n"
+              f"  - Dropout rate: {self.dropout}\n"
+              f"  - Pretrained: {self.pretrained}\n"
+              f"  - Parameters: {total:,} ({trainable:,} trainable)")
+
+    @classmethod
+    def from_config(cls, config, # a dict or an object with attributes: name, num_classes, pretrained, dropout, freeze_backbone
+                   ) -> DRClassifier:
+        "A classifier built from a model config section (`name` or `model_name`; missing keys take the defaults)."
+        values = dict(config) if isinstance(config, dict) else dict(vars(config))
+        unknown = sorted(set(values) - set(_MODEL_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"The model config has unknown keys {unknown}; it takes {list(_MODEL_CONFIG_KEYS)}.")
+        name = resolve_alias("name", values.get("name"), "model_name", values.get("model_name"), default=DEFAULT_MODEL)
+        model = cls(name, num_classes=values.get("num_classes", 5), pretrained=values.get("pretrained", True),
+                    dropout=values.get("dropout"), dropout_rate=values.get("dropout_rate"))
+        return model.freeze_backbone() if values.get("freeze_backbone", False) else model
+
+_MODEL_CONFIG_KEYS = ("name", "model_name", "num_classes", "pretrained", "dropout", "dropout_rate", "freeze_backbone")
+
 
 # %% ../nbs/06_models.ipynb #7822283f
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""A ViT-Large foundation model for retinal photos: its architecture built with timm, safe loading of its masked-autoencoder checkpoints at any resolution, layer-wise learning-rate decay, and LoRA fine-tuning with peft, measured against full fine-tuning.
+"""A ViT-Large foundation model for retinal photos: its architecture built with timm, safe loading of its MAE and DINOv2 checkpoints at any resolution, its fine-tuning recipe, layer-wise learning-rate decay, and LoRA fine-tuning with peft, measured against full fine-tuning.
 
 Docs: https://fundus-lab.github.io/fundus-lab/retfound.html.md"""
 
@@ -24,24 +24,30 @@ from torch.nn import functional as F
 
 from .core import atomic_write, get_device, set_seed, torch_save_atomic
 from .lora import vit_lora_trainable_count
+from .models import resolve_alias
 
 # %% auto #0
-__all__ = ['RETFOUND_ARCH', 'LORA_TARGETS', 'retfound_vit', 'random_retfound_checkpoint', 'CheckpointError', 'read_checkpoint',
-           'interpolate_pos_embed', 'LoadReport', 'load_retfound_model', 'layer_decay_param_groups',
-           'warmup_cosine_factor', 'warmup_cosine_scheduler', 'layer_decay_splitter', 'layer_decay_hypers',
+__all__ = ['RETFOUND_ARCH', 'RETFOUND_LAYOUTS', 'RETFOUND_BLR', 'LORA_TARGETS', 'retfound_vit', 'random_retfound_checkpoint',
+           'CheckpointError', 'read_checkpoint', 'checkpoint_layout', 'interpolate_pos_embed', 'LoadReport',
+           'load_retfound_model', 'layer_decay_param_groups', 'retfound_lr', 'warmup_cosine_factor',
+           'warmup_cosine_scheduler', 'layer_decay_splitter', 'layer_decay_hypers', 'retfound_recipe',
            'lora_trainable_count', 'RETFoundLoRA', 'compare_lora_full']
 
 # %% ../nbs/17_retfound.ipynb #871e16c3
-RETFOUND_ARCH = "vit_large_patch16_224"  # timm name of RETFound's encoder layout
+RETFOUND_ARCH = "vit_large_patch16_224"  # timm name of RETFound's MAE encoder layout
+RETFOUND_LAYOUTS = {"mae": RETFOUND_ARCH, "dinov2": "vit_large_patch14_dinov2"}  # checkpoint layout -> timm architecture
 
-def retfound_vit(img_size:int=224, # input size in pixels (a multiple of the patch size, 16)
+def retfound_vit(img_size:int=224, # input size in pixels (a multiple of the patch size: 16, DINOv2 14)
                  num_classes:int=5, # outputs of the head; 0 for a feature extractor
                  global_pool:bool=True, # mean of patch tokens + fc_norm (True) or class token + norm (False)
                  drop_path_rate:float=0.2, # stochastic depth at the last block (linear in depth)
+                 layout:str="mae", # 'mae' (ViT-L/16) or 'dinov2' (ViT-L/14 with layer scale), see RETFOUND_LAYOUTS
                  **timm_kwargs, # other VisionTransformer arguments, e.g. embed_dim=64, depth=2, num_heads=4
                 ) -> VisionTransformer:
-    "A randomly initialised timm ViT with RETFound's layout (ViT-Large/16 unless `timm_kwargs` say otherwise)."
-    return timm.create_model(RETFOUND_ARCH, pretrained=False, img_size=img_size, num_classes=num_classes,
+    "A randomly initialised timm ViT with the layout of a RETFound release (ViT-Large unless `timm_kwargs` say otherwise)."
+    if layout not in RETFOUND_LAYOUTS:
+        raise ValueError(f"Unknown RETFound layout {layout!r}: use one of {list(RETFOUND_LAYOUTS)}.")
+    return timm.create_model(RETFOUND_LAYOUTS[layout], pretrained=False, img_size=img_size, num_classes=num_classes,
                              global_pool="avg" if global_pool else "token", drop_path_rate=drop_path_rate,
                              **timm_kwargs)
 
@@ -55,18 +61,20 @@ def _sincos_pos_embed(dim:int, grid:int) -> torch.Tensor:
     table = torch.cat([embed(cols), embed(rows)], 1)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float().unsqueeze(0)
 
-def random_retfound_checkpoint(path, # file to write: `.pth` (torch, MAE layout) or `.safetensors` (flat state dict)
+def random_retfound_checkpoint(path, # file to write: `.pth` (torch, the release's layout) or `.safetensors` (flat state dict)
                                img_size:int=224, # pre-training input size
-                               decoder_dim:int=512, # width of the MAE decoder
+                               decoder_dim:int=512, # width of the MAE decoder (DINOv2: of the DINO and iBOT heads)
                                decoder_depth:int=1, # blocks of the MAE decoder (RETFound: 8)
                                seed:int=0, # random seed of the weights
+                               layout:str="mae", # 'mae' (RETFound-MAE) or 'dinov2' (RETFound-DINOv2)
+                               block_chunks:int=0, # DINOv2 only: blocks stored in this many chunks (`blocks.c.i.`); 0: flat
                                **timm_kwargs, # encoder layout, e.g. embed_dim=64, depth=2, num_heads=4
                               ) -> Path:
-    "Write a RETFound-format MAE checkpoint with random weights (encoder + decoder + mask token), atomically."
+    "Write a RETFound-format checkpoint with random weights (MAE: encoder + decoder + mask token; DINOv2: teacher), atomically."
     path = Path(path)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        encoder = retfound_vit(img_size, num_classes=0, global_pool=False, **timm_kwargs)
+        encoder = retfound_vit(img_size, num_classes=0, global_pool=False, layout=layout, **timm_kwargs)
         decoder = VisionTransformer(img_size=img_size, embed_dim=decoder_dim, depth=decoder_depth,
                                     num_heads=max(1, decoder_dim // 64), num_classes=0)
     def fill(name, shape):  # uniform weights of standard deviation 0.02 (quicker to draw than normal ones)
@@ -75,6 +83,7 @@ def random_retfound_checkpoint(path, # file to write: `.pth` (torch, MAE layout)
         return (torch.rand(shape, generator=generator) - 0.5) * (0.04 * math.sqrt(3))
     grid = img_size // encoder.patch_embed.patch_size[0]
     state = {name: fill(name, p.shape) for name, p in encoder.state_dict().items()}
+    if layout == "dinov2": return _write_dinov2_teacher(path, state, encoder.embed_dim, decoder_dim, block_chunks, fill)
     state["pos_embed"] = _sincos_pos_embed(encoder.embed_dim, grid)
     state["mask_token"] = torch.zeros(1, 1, decoder_dim)
     state["decoder_embed.weight"] = fill("decoder_embed.weight", (decoder_dim, encoder.embed_dim))
@@ -91,17 +100,42 @@ def random_retfound_checkpoint(path, # file to write: `.pth` (torch, MAE layout)
     args = argparse.Namespace(model="mae_vit_large_patch16", input_size=img_size, mask_ratio=0.75, norm_pix_loss=True)
     return torch_save_atomic({"model": state, "epoch": 0, "args": args}, path)
 
+def _write_dinov2_teacher(path:Path, encoder_state:dict, embed_dim:int, head_dim:int, block_chunks:int, fill) -> Path:
+    "A DINOv2 teacher checkpoint: {'teacher': backbone.* encoder (blocks chunked or not), mask token, DINO and iBOT heads}."
+    depth = 1 + max(int(k.split(".")[1]) for k in encoder_state if k.startswith("blocks."))
+    per_chunk = math.ceil(depth / block_chunks) if block_chunks else 0
+    def stored(name):
+        if per_chunk and name.startswith("blocks."):
+            index = int(name.split(".")[1])
+            return f"blocks.{index // per_chunk}.{name.removeprefix('blocks.')}"
+        return name
+    teacher = {f"backbone.{stored(k)}": v for k, v in encoder_state.items()}
+    teacher["backbone.mask_token"] = torch.zeros(1, embed_dim)
+    for head in ("dino_head", "ibot_head"):
+        teacher[f"{head}.mlp.0.weight"] = fill("mlp.0.weight", (head_dim, embed_dim))
+        teacher[f"{head}.mlp.0.bias"] = torch.zeros(head_dim)
+        teacher[f"{head}.last_layer.weight"] = fill("last_layer.weight", (4 * head_dim, head_dim))
+    if path.suffix == ".safetensors":
+        with atomic_write(path, "wb") as f: f.write(safetensors_save(teacher))
+        return path
+    return torch_save_atomic({"teacher": teacher}, path)
+
 # %% ../nbs/17_retfound.ipynb #420c3473
 class CheckpointError(ValueError):
     "A checkpoint that cannot be loaded safely or does not fit the model."
 
+def _timm_names(state:dict) -> dict:
+    "DINOv2 names made timm's: `backbone.` prefix removed, chunked blocks `blocks.c.i.` flattened to `blocks.i.`."
+    if not any(k.startswith("backbone.") for k in state): return state
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k.removeprefix("backbone.")): v for k, v in state.items()}
+
 def read_checkpoint(path, # a `.pth`/`.pt`/`.bin` torch file or a `.safetensors` file
                    ) -> dict[str, torch.Tensor]:
-    "The encoder state dict of a RETFound checkpoint (under 'model', 'state_dict' or top level), loading weights only."
+    "The state dict of a RETFound checkpoint (under 'model', 'state_dict', 'teacher' or top level) in timm's names, loading weights only."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"Checkpoint {path} does not exist: pass the path of the downloaded weights.")
     if path.suffix == ".safetensors":
-        try: return safetensors_load_file(str(path))
+        try: return _timm_names(safetensors_load_file(str(path)))
         except SafetensorError as e: raise CheckpointError(f"{path} is not a valid safetensors file ({e}).") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -113,11 +147,22 @@ def read_checkpoint(path, # a `.pth`/`.pt`/`.bin` torch file or a `.safetensors`
             "Nothing in it was executed. Use a weights-only checkpoint: a state dict saved with torch.save or a "
             ".safetensors file, from a source you trust.") from None
     if not isinstance(checkpoint, dict): raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state dict.")
-    for key in ("model", "state_dict"):
+    for key in ("model", "state_dict", "teacher"):
         if isinstance(checkpoint.get(key), dict): checkpoint = checkpoint[key]; break
     state = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if not state: raise CheckpointError(f"{path} holds no tensors under 'model', 'state_dict' or at its top level.")
-    return state
+    if not state: raise CheckpointError(f"{path} holds no tensors under 'model', 'state_dict', 'teacher' or at its top level.")
+    return _timm_names(state)
+
+def checkpoint_layout(state:dict, # a state dict from read_checkpoint
+                      path="checkpoint", # its file, for messages
+                     ) -> str:
+    "'dinov2' for a ViT with layer scale (`blocks.N.ls1.gamma`), 'mae' for one without."
+    if "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{path} has no patch_embed.proj.weight: it is not a ViT checkpoint of RETFound's layouts.")
+    if "register_tokens" in state or "reg_token" in state:
+        raise CheckpointError(f"{path} has register tokens (a DINOv2 '-reg' model); RETFound's releases have none and "
+                              "this loader does not read them.")
+    return "dinov2" if any(k.endswith(".ls1.gamma") for k in state) else "mae"
 
 # %% ../nbs/17_retfound.ipynb #ccaad1ed
 def interpolate_pos_embed(pos_embed:torch.Tensor, # (1, prefix + g*g, d) position table of a square g x g grid
@@ -133,6 +178,8 @@ def interpolate_pos_embed(pos_embed:torch.Tensor, # (1, prefix + g*g, d) positio
                                   num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
 
 # %% ../nbs/17_retfound.ipynb #7906d1f0
+_PRETRAINING_HEADS = ("decoder", "dino_head.", "ibot_head.")  # pre-training parts a classifier drops
+
 @dataclass
 class LoadReport:
     "What `load_retfound_model` took from a checkpoint."
@@ -141,12 +188,14 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list) # checkpoint tensors the model does not use
     new: list[str] = field(default_factory=list) # model tensors initialised afresh
     pos_embed_grid: tuple[int, int] = (0, 0) # patch grid side of checkpoint -> model
+    layout: str = "mae" # the checkpoint's layout (a key of RETFOUND_LAYOUTS)
 
     def __str__(self):
-        decoder = [k for k in self.dropped if k.startswith("decoder")]
-        other = [k for k in self.dropped if not k.startswith("decoder")]
-        lines = [f"Loaded {len(self.loaded)} tensors from {self.path}",
-                 f"  dropped: {len(decoder)} decoder tensors" + (f" + {', '.join(other)}" if other else ""),
+        heads = [k for k in self.dropped if k.startswith(_PRETRAINING_HEADS)]
+        other = [k for k in self.dropped if not k.startswith(_PRETRAINING_HEADS)]
+        kind = "decoder" if self.layout == "mae" else "DINO/iBOT head"
+        lines = [f"Loaded {len(self.loaded)} tensors from {self.path} ({self.layout} layout)",
+                 f"  dropped: {len(heads)} {kind} tensors" + (f" + {', '.join(other)}" if other else ""),
                  f"  new: {', '.join(self.new) or 'none'}"]
         old, new = self.pos_embed_grid
         if old != new: lines.append(f"  pos_embed interpolated (bicubic) from {old}x{old} to {new}x{new} patches")
@@ -158,26 +207,28 @@ def _init_head(model:VisionTransformer):
         nn.init.trunc_normal_(model.head.weight, std=2e-5)
         nn.init.zeros_(model.head.bias)
 
-def load_retfound_model(checkpoint_path, # RETFound MAE checkpoint: `.pth` (weights-only) or `.safetensors`
+def load_retfound_model(checkpoint_path, # RETFound checkpoint (MAE or DINOv2 release): `.pth` (weights-only) or `.safetensors`
                         num_classes:int=5, # outputs of the new head; 0 returns pooled features
                         global_pool:bool=True, # mean of patch tokens + new fc_norm (True) or class token + norm (False)
                         img_size:int=224, # input size; the position embedding is interpolated to it
                         drop_path_rate:float=0.2, # stochastic depth at the last block
                         verbose:bool=True, # print the load report
-                        **timm_kwargs, # encoder layout if not ViT-L/16, e.g. embed_dim=64, depth=2, num_heads=4
+                        layout:str|None=None, # 'mae' or 'dinov2'; None: read from the checkpoint (layer scale = DINOv2)
+                        **timm_kwargs, # encoder layout if not ViT-Large, e.g. embed_dim=64, depth=2, num_heads=4
                        ) -> VisionTransformer:
     "A timm ViT with RETFound's encoder weights, a new head, and the position embedding fitted to `img_size`."
     path = Path(checkpoint_path)
     state = read_checkpoint(path)
+    layout = layout or checkpoint_layout(state, path)
     with torch.device("meta"):
-        model = retfound_vit(img_size, num_classes, global_pool, drop_path_rate, **timm_kwargs)
+        model = retfound_vit(img_size, num_classes, global_pool, drop_path_rate, layout, **timm_kwargs)
     model.to_empty(device="cpu")
     expected = model.state_dict()
     new = [k for k in expected if k.startswith("head.") or (k.startswith("fc_norm.") and k not in state)]
     missing = [k for k in expected if k not in state and k not in new]
     if missing:
         raise CheckpointError(f"{path} lacks {len(missing)} encoder tensors the model needs (e.g. {', '.join(missing[:3])}): "
-                              "is it a RETFound/MAE ViT checkpoint? Pass embed_dim/depth/num_heads if it is not ViT-L/16.")
+                              f"is it a RETFound {layout} checkpoint? Pass embed_dim/depth/num_heads if it is not ViT-Large.")
     grid = model.patch_embed.grid_size[0]
     old_grid = math.isqrt(state["pos_embed"].shape[1] - model.num_prefix_tokens)
     loaded = {k: state[k] for k in expected if k not in new}
@@ -191,7 +242,7 @@ def load_retfound_model(checkpoint_path, # RETFound MAE checkpoint: `.pth` (weig
         if "fc_norm.weight" in new: model.fc_norm.reset_parameters()
         _init_head(model)
     report = LoadReport(str(path), loaded=list(loaded), dropped=[k for k in state if k not in expected],
-                        new=new, pos_embed_grid=(old_grid, grid))
+                        new=new, pos_embed_grid=(old_grid, grid), layout=layout)
     model.load_report = report
     if verbose: print(report)
     return model
@@ -229,6 +280,21 @@ def layer_decay_param_groups(model:nn.Module, # a timm ViT (or one wrapped by pe
     return [dict(params=g["params"], lr=lr * g["lr_scale"], lr_scale=g["lr_scale"], weight_decay=g["weight_decay"],
                  layer=g["layer"]) for g in _layer_groups(model, weight_decay, layer_decay)]
 
+# %% ../nbs/17_retfound.ipynb #4c1aff50
+RETFOUND_BLR = 5e-3  # RETFound's base learning rate, per 256 images of effective batch
+
+def retfound_lr(blr:float=RETFOUND_BLR, # base learning rate (RETFound: 5e-3)
+                batch_size:int=24, # images per GPU per step (RETFound's train.sh: 24)
+                accum_iter:int=1, # gradient-accumulation steps
+                world_size:int=1, # number of GPUs
+               ) -> float:
+    "RETFound's learning rate: blr x effective batch / 256, effective batch = batch_size x accum_iter x world_size."
+    for name, value in (("batch_size", batch_size), ("accum_iter", accum_iter), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: use a whole number >= 1.")
+    if not blr > 0: raise ValueError(f"blr={blr!r}: use a positive base learning rate, e.g. {RETFOUND_BLR}.")
+    return blr * batch_size * accum_iter * world_size / 256
+
 # %% ../nbs/17_retfound.ipynb #927d173e
 def warmup_cosine_factor(step:int, # optimizer step, from 0
                          total_steps:int, # steps of the whole run
@@ -263,6 +329,15 @@ def layer_decay_hypers(model:nn.Module, # the model given to the Learner
     groups = _layer_groups(model, weight_decay, layer_decay)
     return np.array([lr * g["lr_scale"] for g in groups]), [g["weight_decay"] for g in groups]
 
+# %% ../nbs/17_retfound.ipynb #581d5d69
+def retfound_recipe(batch_size:int|None=None, # another batch size; lr is rescaled by retfound_lr. None: the recipe's 24
+                   ) -> dict:
+    "The training options of the packaged recipe `retfound.yaml`, lr = retfound_lr(RETFOUND_BLR, batch_size)."
+    from fundus_lab.experiments import load_training_config
+    options = load_training_config("retfound")
+    batch_size = options["batch_size"] if batch_size is None else batch_size
+    return {**options, "batch_size": batch_size, "lr": retfound_lr(RETFOUND_BLR, batch_size)}
+
 # %% ../nbs/17_retfound.ipynb #02816cd0
 LORA_TARGETS = {"qkv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}  # layer -> its sub-module in a block
 
@@ -281,17 +356,25 @@ def lora_trainable_count(embed_dim:int, # ViT width d
 # %% ../nbs/17_retfound.ipynb #b7b8e43e
 class RETFoundLoRA(nn.Module):
     "A RETFound ViT with peft LoRA adapters on its blocks and a trainable head; save/load/switch adapters, merge for deployment."
-    def __init__(self, model_or_checkpoint, # a timm ViT (e.g. from load_retfound_model) or a RETFound checkpoint path
+    def __init__(self, model_or_checkpoint=None, # a timm ViT (e.g. from load_retfound_model) or a RETFound checkpoint path
                  num_classes:int=5, # outputs of the head
-                 r:int=8, # LoRA rank
-                 alpha:float=16, # LoRA scaling numerator (update scaled by alpha / r)
+                 r:int|None=None, # LoRA rank (default 8)
+                 alpha:float|None=None, # LoRA scaling numerator (default 32: updates scaled by alpha / r = 4)
                  lora_dropout:float=0.1, # dropout on the LoRA input
-                 head_dropout:float=0.0, # dropout before the head
+                 head_dropout:float=0.3, # dropout before the head
                  target_modules=("qkv",), # layers of each block to adapt: qkv, proj, fc1, fc2
                  adapter_name:str="default", # name of the first adapter
+                 checkpoint_path=None, # another name for a checkpoint path given as `model_or_checkpoint`
+                 lora_r:int|None=None, # another name for `r`
+                 lora_alpha:float|None=None, # another name for `alpha`
                  **load_kwargs, # passed to load_retfound_model when given a path (img_size, global_pool, ...)
                 ):
         super().__init__()
+        model_or_checkpoint = resolve_alias("model_or_checkpoint", model_or_checkpoint, "checkpoint_path", checkpoint_path)
+        r = resolve_alias("r", r, "lora_r", lora_r, default=8)
+        alpha = resolve_alias("alpha", alpha, "lora_alpha", lora_alpha, default=32)
+        if model_or_checkpoint is None:
+            raise TypeError("RETFoundLoRA needs a model or a checkpoint: pass a timm ViT or checkpoint_path=...")
         if isinstance(model_or_checkpoint, nn.Module): model = model_or_checkpoint
         else: model = load_retfound_model(model_or_checkpoint, num_classes, **load_kwargs)
         if not isinstance(model, VisionTransformer):
@@ -366,8 +449,9 @@ class RETFoundLoRA(nn.Module):
                               tuple(json.loads(meta["target_modules"])))
         if name in self.adapters:
             current = self.model.peft_config[name]
-            if (current.r, current.target_modules) != (config.r, config.target_modules):
-                raise CheckpointError(f"{path} has r={config.r} on {meta['target_modules']}, but adapter {name!r} here differs: "
+            if (current.r, current.lora_alpha, current.target_modules) != (config.r, config.lora_alpha, config.target_modules):
+                raise CheckpointError(f"{path} has r={config.r}, alpha={config.lora_alpha:g} on {meta['target_modules']}, "
+                                      f"but adapter {name!r} here has r={current.r}, alpha={current.lora_alpha:g}: "
                                       "load it under another adapter_name.")
         else:
             self.model.add_adapter(name, config)

@@ -20,8 +20,8 @@ from .core import atomic_write, data_samples_dir
 
 # %% auto #0
 __all__ = ['DR_KEYWORDS', 'FINDING_KEYWORDS', 'FINDING_CODES', 'KEYWORD_SEPARATOR', 'LESION_CODES', 'ASPECTS', 'SYNTH_TASKS',
-           'DR_PRIORS', 'SAMPLE_SETS', 'Findings', 'CameraSettings', 'camera_settings', 'synth_fundus',
-           'fundus_landmarks', 'plan_dataset', 'write_dataset', 'write_samples']
+           'DR_PRIORS', 'DATASET_LAYOUTS', 'SAMPLE_SETS', 'Findings', 'CameraSettings', 'camera_settings',
+           'synth_fundus', 'fundus_landmarks', 'DatasetLayout', 'plan_dataset', 'write_dataset', 'write_samples']
 
 # %% ../nbs/02_synth.ipynb #462fce72
 DR_KEYWORDS = {1: "mild nonproliferative retinopathy", 2: "moderate non proliferative retinopathy",
@@ -723,44 +723,46 @@ def _check_dataset_args(task, n, seed, dr_prior):
         raise ValueError(f"dr_prior={dr_prior!r}: use {' or '.join(map(repr, DR_PRIORS))} or 5 non-negative weights for grades 0-4.")
     return w
 
-def plan_dataset(task:str, # 'dr', 'dme', 'multitask' or 'multilabel'
-                 n:int, # number of images (multilabel: n // 2 patients with both eyes)
-                 seed:int=0, # the dataset's seed
-                 dr_prior="balanced", # DR grade shares for 'dr'/'multitask': 'balanced', 'aptos' or 5 weights
-                ) -> pd.DataFrame:
-    "What `write_dataset` will generate: one row per image with its name, patient, eye, seed and findings."
-    weights = _check_dataset_args(task, n, seed, dr_prior)
-    rng = np.random.default_rng([seed, 90])
+# %% ../nbs/02_synth.ipynb #3f24372f
+def _paired_rows(rng, n, seed, weights, grades_to_findings, names):
+    "Rows of patients with two eyes of equal or adjacent grade; `grades_to_findings(rng, grade)` gives (dr, dme)."
     rows = []
-    if task == "multilabel":
-        for pid in range(n//2):
-            eyes, age, sex = _odir_patient(rng)
-            for eye in ("left", "right"):
-                rows.append(dict(name=f"{pid}_{eye}", patient_id=str(pid), eye=eye, **asdict(Findings(**eyes[eye])),
-                                 age=age, sex=sex))
-    else:
-        for k, pair in enumerate(_paired_grades(rng, n, (1, 1, 1) if task == "dme" else weights)):
-            sides = ["right", "left"] if rng.uniform() < 0.5 else ["left", "right"]
-            for grade, eye in zip(pair, sides):
-                if task == "dme": dr, dme = int(rng.choice(5, p=_DR_GIVEN_DME[grade])), grade
-                else: dr, dme = grade, int(rng.choice(3, p=_DME_GIVEN_DR[grade]))
-                rows.append(dict(name="", patient_id=f"s{seed}p{k:05d}", eye=eye, **asdict(Findings(dr=dr, dme=dme))))
-        width = max(3, len(str(n)))
-        names = _hex_ids(rng, n) if task == "dr" else [f"IDRiD_{i + 1:0{width}d}" for i in range(n)]
-        for row, name in zip(rows, names): row["name"] = name
-    plan = pd.DataFrame(rows)
-    plan.insert(3, "seed", [_eye_seed(seed, i) for i in range(len(plan))])
-    return plan
+    for k, pair in enumerate(_paired_grades(rng, n, weights)):
+        sides = ["right", "left"] if rng.uniform() < 0.5 else ["left", "right"]
+        for grade, eye in zip(pair, sides):
+            dr, dme = grades_to_findings(rng, grade)
+            rows.append(dict(name="", patient_id=f"s{seed}p{k:05d}", eye=eye, **asdict(Findings(dr=dr, dme=dme))))
+    for row, name in zip(rows, names(rng, n)): row["name"] = name
+    return rows
 
-# %% ../nbs/02_synth.ipynb #55e88a6c
-def _labels_table(task, plan):
-    "The labels table of `plan` in the layout of `task`."
-    if task == "dr":
-        return pd.DataFrame({"id_code": plan["name"], "diagnosis": plan["dr"], "patient_id": plan["patient_id"],
-                             "eye": plan["eye"]})
-    if task in ("dme", "multitask"):
-        return pd.DataFrame({"Image name": plan["name"], "Retinopathy grade": plan["dr"],
-                             "Risk of macular edema": plan["dme"], "patient_id": plan["patient_id"], "eye": plan["eye"]})
+def _dme_given_dr(rng, grade): return grade, int(rng.choice(3, p=_DME_GIVEN_DR[grade]))
+def _dr_given_dme(rng, grade): return int(rng.choice(5, p=_DR_GIVEN_DME[grade])), grade
+
+def _idrid_names(rng, n):
+    "IDRiD_001, IDRiD_002, ... (at least three digits)."
+    width = max(3, len(str(n)))
+    return [f"IDRiD_{i + 1:0{width}d}" for i in range(n)]
+
+def _odir_rows(rng, n, seed, weights):
+    "Rows of n // 2 ODIR-style patients, left eye first, with age and sex."
+    rows = []
+    for pid in range(n//2):
+        eyes, age, sex = _odir_patient(rng)
+        for eye in ("left", "right"):
+            rows.append(dict(name=f"{pid}_{eye}", patient_id=str(pid), eye=eye, **asdict(Findings(**eyes[eye])),
+                             age=age, sex=sex))
+    return rows
+
+def _aptos_labels(plan):
+    return pd.DataFrame({"id_code": plan["name"], "diagnosis": plan["dr"], "patient_id": plan["patient_id"],
+                         "eye": plan["eye"]})
+
+def _idrid_labels(plan):
+    return pd.DataFrame({"Image name": plan["name"], "Retinopathy grade": plan["dr"],
+                         "Risk of macular edema": plan["dme"], "patient_id": plan["patient_id"], "eye": plan["eye"]})
+
+def _odir_labels(plan):
+    "One row per patient, with both eyes' files and keywords and the patient-level flags."
     rows = []
     for pid, eyes in plan.groupby("patient_id", sort=False):
         left, right = (eyes[eyes["eye"] == side].iloc[0] for side in ("left", "right"))
@@ -773,6 +775,39 @@ def _labels_table(task, plan):
     return pd.DataFrame(rows)[["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus", "Left-Diagnostic Keywords",
                                "Right-Diagnostic Keywords", "N", "D", "G", "C", "A", "H", "M", "O"]]
 
+@dataclass(frozen=True)
+class DatasetLayout:
+    "How a task's dataset is planned (rows from rng, n, seed, DR weights) and labelled (plan -> labels table)."
+    dataset: str # the real dataset whose layout it copies
+    plan_rows: object # (rng, n, seed, dr_weights) -> list of row dicts
+    labels_table: object # plan DataFrame -> labels DataFrame
+
+DATASET_LAYOUTS = {
+    "dr": DatasetLayout("APTOS-2019", lambda rng, n, seed, w: _paired_rows(rng, n, seed, w, _dme_given_dr, _hex_ids),
+                        _aptos_labels),
+    "dme": DatasetLayout("IDRiD", lambda rng, n, seed, w: _paired_rows(rng, n, seed, (1, 1, 1), _dr_given_dme, _idrid_names),
+                         _idrid_labels),
+    "multitask": DatasetLayout("IDRiD", lambda rng, n, seed, w: _paired_rows(rng, n, seed, w, _dme_given_dr, _idrid_names),
+                               _idrid_labels),
+    "multilabel": DatasetLayout("ODIR-5K", _odir_rows, _odir_labels),
+}
+
+
+# %% ../nbs/02_synth.ipynb #22574a72
+def plan_dataset(task:str, # 'dr', 'dme', 'multitask' or 'multilabel'
+                 n:int, # number of images (multilabel: n // 2 patients with both eyes)
+                 seed:int=0, # the dataset's seed
+                 dr_prior="balanced", # DR grade shares for 'dr'/'multitask': 'balanced', 'aptos' or 5 weights
+                ) -> pd.DataFrame:
+    "What `write_dataset` will generate: one row per image with its name, patient, eye, seed and findings."
+    weights = _check_dataset_args(task, n, seed, dr_prior)
+    rows = DATASET_LAYOUTS[task].plan_rows(np.random.default_rng([seed, 90]), n, seed, weights)
+    plan = pd.DataFrame(rows)
+    plan.insert(3, "seed", [_eye_seed(seed, i) for i in range(len(plan))])
+    return plan
+
+
+# %% ../nbs/02_synth.ipynb #55e88a6c
 def _write_image(row, img_dir, size, camera):
     "Render one planned image and write it as JPEG at its camera's quality, atomically."
     seed = int(row["seed"])
@@ -806,7 +841,7 @@ def write_dataset(task:str, # 'dr' (APTOS-2019 layout), 'multitask' or 'dme' (ID
     else:
         for row in rows: render(row)
     labels = out/"labels.csv"
-    table = _labels_table(task, plan).to_csv(index=False, lineterminator="\n")
+    table = DATASET_LAYOUTS[task].labels_table(plan).to_csv(index=False, lineterminator="\n")
     with atomic_write(labels, "wb") as f: f.write(table.encode("utf-8"))
     return labels
 

@@ -1,12 +1,12 @@
-"RETFound at full size: a 1.2 GB ViT-L/16 checkpoint in RETFound's MAE format loads at 224 and 448 pixels, safely."
+"RETFound at full size: a 1.2 GB ViT-L/16 checkpoint in RETFound's MAE format loads at 224 and 448 pixels, safely; the DINOv2 ViT-L/14 layout maps key for key."
 import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fundus_lab.retfound import (CheckpointError, RETFoundLoRA, layer_decay_param_groups, load_retfound_model,
-                                 lora_trainable_count, random_retfound_checkpoint, retfound_vit)
+from fundus_lab.retfound import (CheckpointError, RETFoundLoRA, _timm_names, checkpoint_layout, layer_decay_param_groups,
+                                 load_retfound_model, lora_trainable_count, random_retfound_checkpoint, retfound_vit)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,64 @@ def test_malicious_checkpoint_runs_nothing(tmp_path):
         load_retfound_model(bad, num_classes=5)
     assert "Use a weights-only checkpoint" in str(error.value)
     assert not marker.exists()
+
+
+def test_malicious_dinov2_teacher_runs_nothing(tmp_path):
+    marker = tmp_path/"payload_ran"
+
+    class Payload:
+        def __reduce__(self): return (io.open, (str(marker), "w"))
+
+    bad = tmp_path/"RETFound_dinov2_meh.pth"
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 1024)}, "args": Payload()}, bad)
+    with pytest.raises(CheckpointError, match="RETFound_dinov2_meh.pth is not a weights-only checkpoint"):
+        load_retfound_model(bad, num_classes=5)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("block_chunks", [0, 4])
+def test_dinov2_teacher_names_fit_vit_large_patch14(block_chunks):
+    "RETFound-DINOv2 teacher names (backbone. prefix, flat or chunked blocks) map onto timm's ViT-L/14, key for key."
+    with torch.device("meta"):
+        encoder = retfound_vit(num_classes=0, global_pool=False, layout="dinov2")
+        teacher = {"backbone.mask_token": torch.empty(1, 1024), "dino_head.mlp.0.weight": torch.empty(2048, 1024)}
+    for name, tensor in encoder.state_dict().items():
+        if block_chunks and name.startswith("blocks."):
+            name = f"blocks.{int(name.split('.')[1]) // (24 // block_chunks)}.{name.removeprefix('blocks.')}"
+        teacher[f"backbone.{name}"] = tensor
+    state = _timm_names(teacher)
+    assert {k: v.shape for k, v in state.items() if k in encoder.state_dict()} == {k: v.shape for k, v in encoder.state_dict().items()}
+    assert sorted(set(state) - set(encoder.state_dict())) == ["dino_head.mlp.0.weight", "mask_token"]
+    assert checkpoint_layout(state) == "dinov2"
+    assert encoder.patch_embed.patch_size == (14, 14) and encoder.pos_embed.shape == (1, 257, 1024)
+
+
+def test_dinov2_vit_large_parameter_count():
+    d = 1024
+    block = 12*d**2 + 13*d + 2*d  # + layer scale ls1, ls2
+    with torch.device("meta"):
+        model = retfound_vit(num_classes=5, layout="dinov2")
+    assert sum(p.numel() for p in model.parameters()) == 3*14*14*d + d + d + 257*d + 24*block + 2*d + 5*d + 5 == 303_233_029
+
+
+def test_model_guide_examples_at_full_size(vit_large_checkpoint, capsys):
+    "The guide's RETFound calls, as written, on the ViT-L checkpoint."
+    images = torch.randn(1, 3, 224, 224)
+    model = load_retfound_model(checkpoint_path=vit_large_checkpoint, num_classes=5, global_pool=False)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+        predictions = torch.argmax(outputs, dim=1)
+    assert outputs.shape == (1, 5) and predictions.shape == (1,)
+    model = load_retfound_model(checkpoint_path=vit_large_checkpoint, num_classes=0)
+    with torch.no_grad(): assert model.eval()(images).shape == (1, 1024)
+    del model
+    model = RETFoundLoRA(checkpoint_path=vit_large_checkpoint, num_classes=5, lora_r=8, lora_alpha=32, lora_dropout=0.1,
+                         head_dropout=0.3)
+    capsys.readouterr()
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out.startswith("trainable params: 793,605 || all params: ")
+    with torch.no_grad(): assert model.eval()(images).shape == (1, 5)
 
 
 @pytest.mark.parametrize("global_pool,num_classes,expected", [(True, 0, 786_432 + 2048), (False, 5, 791_557), (True, 5, 793_605)])
