@@ -210,18 +210,24 @@ def search_entries(page_html:str, html_name:str, title:str) -> list[dict]:
 
 
 def copy_assets(deps:Path, out:Path):
-    "KaTeX, the Bootstrap theme of `_quarto.yml` (cosmo), the site's CSS and script into `out/assets`."
-    assets = out/"assets"
-    shutil.rmtree(assets, ignore_errors=True)
-    katex = deps/"node_modules"/"katex"/"dist"
+    "KaTeX, the Bootstrap theme of `_quarto.yml` (cosmo) and its font, the site's CSS and script into `out/assets`."
+    modules, assets = deps/"node_modules", out/"assets"
     theme = yaml.safe_load((NBS/"_quarto.yml").read_text())["format"]["html"].get("theme", "cosmo")
-    bootstrap = deps/"node_modules"/"bootswatch"/"dist"/theme/"bootstrap.min.css"
-    if not (katex/"katex.min.js").exists() or not bootstrap.exists():
-        raise SystemExit(f"KaTeX or the {theme} theme is not in {deps}/node_modules: run `make docs-deps`.")
+    katex, bootstrap = modules/"katex"/"dist", modules/"bootswatch"/"dist"/theme/"bootstrap.min.css"
+    font = modules/"@fontsource"/"source-sans-pro"
+    if not ((katex/"katex.min.js").exists() and bootstrap.exists() and font.exists()):
+        raise SystemExit(f"KaTeX, Bootswatch or Source Sans Pro is not in {modules}: run `make docs-deps`.")
+    shutil.rmtree(assets, ignore_errors=True)
     (assets/"katex").mkdir(parents=True)
     for name in ("katex.min.js", "katex.min.css"): shutil.copy(katex/name, assets/"katex"/name)
     shutil.copytree(katex/"fonts", assets/"katex"/"fonts")
-    shutil.copy(bootstrap, assets/"bootstrap.min.css")
+    # The theme imports its font from a web font service; the same font comes from the npm package instead.
+    (assets/"bootstrap.min.css").write_text(re.sub(r"@import url\(https?://[^)]*\);?", "", bootstrap.read_text()))
+    faces = [(font/f"latin-{style}.css").read_text() for style in ("300", "400", "400-italic", "600", "700", "700-italic")]
+    (assets/"fonts").mkdir()
+    for face in faces:
+        for file in re.findall(r"url\(\./files/([^)]+)\)", face): shutil.copy(font/"files"/file, assets/"fonts"/file)
+    (assets/"fonts.css").write_text("\n".join(faces).replace("url(./files/", "url(fonts/"))
     for name in ("site.css", "search.js"): shutil.copy(SITE/name, assets/name)
     shutil.copy(NBS/"styles.css", assets/"styles.css")
 
@@ -229,7 +235,7 @@ def copy_assets(deps:Path, out:Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT/"_docs_offline", help="folder for the site")
-    parser.add_argument("--deps", type=Path, default=ROOT/"_docs_deps", help="folder with KaTeX and Bootswatch (npm)")
+    parser.add_argument("--deps", type=Path, default=ROOT/"_docs_deps", help="folder with the npm packages KaTeX, Bootswatch, Source Sans Pro")
     parser.add_argument("--skip-proc", action="store_true", help="reuse _proc/ from an earlier run")
     args = parser.parse_args(argv)
     if not args.skip_proc:
