@@ -1,6 +1,6 @@
 """Offline build of the documentation site with pandoc, for machines without Quarto.
 
-Reads what `nbdev-docs` reads: the notebooks processed by `nbdev-proc-nbs` (`_proc/`), the sidebar of
+Reads what `nbdev-docs` reads: the notebooks processed as `nbdev-proc-nbs` does (`_proc/`), the sidebar of
 `nbs/_quarto.yml` and the site settings of `nbs/nbdev.yml`. Each page is turned into pandoc Markdown the way
 Quarto treats a notebook (front matter as title and description; the cell options `echo`, `output` (`asis`),
 `include` and `code-fold`/`code-summary`), then rendered by pandoc with KaTeX from a local copy.
@@ -9,10 +9,11 @@ Two additions of this build, not Quarto's: `show_doc` signatures get a parameter
 exist, or a notebook missing from the sidebar.
 Usage: `python tools/build_docs.py --out _docs_offline --deps _docs_deps [--skip-proc]`.
 """
-import argparse, ast, base64, html, io, json, re, shutil, subprocess, sys, tokenize
+import argparse, ast, base64, html, io, json, os, re, shutil, subprocess, sys, tokenize
 from pathlib import Path
 
 import yaml
+from nbdev.serve import proc_nbs
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS, PROC, SITE = ROOT/"nbs", ROOT/"_proc", ROOT/"tools"/"docs_site"
@@ -239,9 +240,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-proc", action="store_true", help="reuse _proc/ from an earlier run")
     args = parser.parse_args(argv)
     if not args.skip_proc:
-        result = subprocess.run([str(Path(sys.executable).parent/"nbdev-proc-nbs")], cwd=ROOT)
-        if result.returncode != 0:
-            print("nbdev-proc-nbs failed: a documentation cell raised (see above).", file=sys.stderr)
+        os.chdir(ROOT)  # nbdev finds pyproject.toml from the working directory
+        try: proc_nbs(str(NBS))  # what nbdev-proc-nbs runs, without its attempt to install Quarto
+        except Exception as e:
+            print(f"Processing the notebooks for the docs failed: {e}", file=sys.stderr)
             return 1
     site = yaml.safe_load((NBS/"nbdev.yml").read_text())["website"]
     pages = sidebar_pages(NBS/"_quarto.yml")

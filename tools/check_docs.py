@@ -27,7 +27,7 @@ PAGE_FACTS = r"""(() => {
     title: document.title.trim(),
     heading: (document.querySelector("h1") || {textContent: ""}).textContent.trim(),
     frontMatter: blocks.filter(t => /---\s*(description|title|output-file)\s*:|\boutput-file\s*:/.test(t)),
-    directives: [...document.body.querySelectorAll("*")].filter(e => e.children.length === 0 && /(^|\n)\s*#\|/.test(e.textContent))
+    directives: [...document.body.querySelectorAll("*")].filter(e => e.children.length === 0 && /(^|\n)\s*#\|\s*[a-z][\w-]*(:|\s|$)/.test(e.textContent))
       .map(e => e.textContent.trim().slice(0, 80)),
     rawMath: blocks.filter(t => /\$[^$\s][^$]*\$|\\\(|\\\[|\$\$/.test(t)).map(t => t.trim().slice(0, 120)),
     maths: document.querySelectorAll(".math").length,
