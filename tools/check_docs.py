@@ -68,8 +68,8 @@ class DevTools:
         self.ws.settimeout(60)
 
 
-def start_chromium(profile:Path) -> tuple[subprocess.Popen, str]:
-    "Start headless Chromium; return the process and the DevTools URL of its first page."
+def start_chromium(profile:Path) -> tuple[subprocess.Popen, int]:
+    "Start headless Chromium; return the process and its DevTools port."
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if not binary: raise SystemExit("No chromium on PATH: run `make docs-deps` (Debian package chromium).")
     proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
@@ -79,16 +79,29 @@ def start_chromium(profile:Path) -> tuple[subprocess.Popen, str]:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill(); raise SystemExit("Chromium did not start (no DevToolsActivePort).")
         time.sleep(0.1)
-    port = port_file.read_text().split()[0]
-    for _ in range(100):
-        try:
-            targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=5).read())
-            return proc, next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"]
-        except (OSError, StopIteration, json.JSONDecodeError): time.sleep(0.1)
-    proc.kill(); raise SystemExit("Chromium started but shows no page target.")
+    return proc, int(port_file.read_text().split()[0])
 
 
-def page_errors(events:list, site:Path) -> list[str]:
+def load_page(port:int, browser:DevTools, url:str, screenshot:Path|None) -> tuple[dict, list]:
+    "Open `url` in a new tab; return the page's facts and the tab's DevTools events (its own only)."
+    target = browser.call("Target.createTarget", url="about:blank")["targetId"]
+    tab = DevTools(f"ws://127.0.0.1:{port}/devtools/page/{target}")
+    try:
+        for domain in ("Page", "Runtime", "Log", "Network"): tab.call(f"{domain}.enable")
+        tab.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+        tab.call("Page.navigate", url=url)
+        tab.wait_for("Page.loadEventFired")
+        tab.call("Runtime.evaluate", expression="document.fonts.ready", awaitPromise=True)
+        found = tab.call("Runtime.evaluate", expression=PAGE_FACTS, returnByValue=True)
+        if "exceptionDetails" in found: raise RuntimeError(f"{url}: the page check raised {found['exceptionDetails']}")
+        if screenshot: screenshot.write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
+        return found["result"]["value"], tab.events
+    finally:
+        tab.ws.close()
+        browser.call("Target.closeTarget", targetId=target)
+
+
+def page_errors(events:list) -> list[str]:
     "JavaScript exceptions, console errors, failed loads and network requests among DevTools events."
     errors = []
     for e in events:
@@ -134,23 +147,15 @@ def main(argv=None) -> int:
     shutil.rmtree(shots, ignore_errors=True); shots.mkdir()
     problems, facts, ids = [], {}, {}
     with tempfile.TemporaryDirectory() as profile:
-        proc, url = start_chromium(Path(profile))
+        proc, port = start_chromium(Path(profile))
         try:
-            tab = DevTools(url)
-            for domain in ("Page", "Runtime", "Log", "Network"): tab.call(f"{domain}.enable")
-            tab.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+            version = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version", timeout=30).read())
+            browser = DevTools(version["webSocketDebuggerUrl"])
             for page in pages:
-                tab.events = []
-                tab.call("Page.navigate", url=(site/page).as_uri())
-                tab.wait_for("Page.loadEventFired")
-                tab.call("Runtime.evaluate", expression="document.fonts.ready", awaitPromise=True)
-                found = tab.call("Runtime.evaluate", expression=PAGE_FACTS, returnByValue=True)
-                if "exceptionDetails" in found: raise RuntimeError(f"{page}: the page check raised {found['exceptionDetails']}")
-                facts[page], ids[page] = found["result"]["value"], set(found["result"]["value"]["ids"])
-                problems += [f"{page}: {e}" for e in page_errors(tab.events, site)]
-                if page in args.screenshots:
-                    shot = tab.call("Page.captureScreenshot", format="png")
-                    (shots/page.replace(".html", ".png")).write_bytes(base64.b64decode(shot["data"]))
+                shot = shots/page.replace(".html", ".png") if page in args.screenshots else None
+                facts[page], events = load_page(port, browser, (site/page).as_uri(), shot)
+                ids[page] = set(facts[page]["ids"])
+                problems += [f"{page}: {e}" for e in page_errors(events)]
         finally:
             proc.terminate()
             try: proc.wait(10)
