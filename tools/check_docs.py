@@ -2,7 +2,8 @@
 
 Fails (exit 1) on raw front matter, a visible `#|` cell option, unrendered maths (`$...$` left in the text, a maths
 element KaTeX did not render, a KaTeX error), a missing title, a link to a page or anchor that does not exist,
-an image that does not load, a request to the network, or a JavaScript error. Saves screenshots of a few pages.
+an image that does not load, a request to the network, a JavaScript error, or a search box that does
+not find a page by its title. Saves screenshots of a few pages (the top, and where the first folded test cell is).
 Talks to Chromium (Debian's `chromium`) over the DevTools protocol with `websocket-client`.
 Usage: `python tools/check_docs.py _docs_offline [--screenshots index.html losses.html retfound.html]`.
 """
@@ -23,9 +24,16 @@ PAGE_FACTS = r"""(() => {
   prose.querySelectorAll(skip).forEach(e => e.remove());
   const blocks = [...prose.querySelectorAll("p, li, td, th, h1, h2, h3, h4, h5, h6, dd, dt, figcaption, summary")]
     .map(e => e.textContent);
+  const box = document.getElementById("search-box"), heading = (document.querySelector("h1") || {textContent: ""}).textContent.trim();
+  let search = null;  // whether searching for the page's title lists the page
+  if (box) {
+    box.value = heading.replace(/\s+/g, " "); box.dispatchEvent(new Event("input"));
+    search = [...document.querySelectorAll("#search-results a")].some(a => a.getAttribute("href").split("#")[0] === location.pathname.split("/").pop());
+  }
   return {
+    search,
     title: document.title.trim(),
-    heading: (document.querySelector("h1") || {textContent: ""}).textContent.trim(),
+    heading,
     frontMatter: blocks.filter(t => /---\s*(description|title|output-file)\s*:|\boutput-file\s*:/.test(t)),
     directives: [...document.body.querySelectorAll("*")].filter(e => e.children.length === 0 && /(^|\n)\s*#\|\s*[a-z][\w-]*(:|\s|$)/.test(e.textContent))
       .map(e => e.textContent.trim().slice(0, 80)),
@@ -38,6 +46,14 @@ PAGE_FACTS = r"""(() => {
     ids: [...document.querySelectorAll("[id]")].map(e => e.id),
     folded: document.querySelectorAll("details.code-fold:not([open])").length,
   };
+})()"""
+
+# Scrolls to the first folded test cell (for a second screenshot); returns whether there is one.
+SCROLL_TO_TESTS = r"""(() => {
+  const summary = [...document.querySelectorAll("details.code-fold:not([open]) > summary")].find(s => s.textContent.startsWith("Tests"));
+  if (!summary) return false;
+  window.scrollTo({top: summary.getBoundingClientRect().top + window.scrollY - 0.6 * window.innerHeight, behavior: "instant"});
+  return true;
 })()"""
 
 
@@ -94,7 +110,11 @@ def load_page(port:int, browser:DevTools, url:str, screenshot:Path|None) -> tupl
         tab.call("Runtime.evaluate", expression="document.fonts.ready", awaitPromise=True)
         found = tab.call("Runtime.evaluate", expression=PAGE_FACTS, returnByValue=True)
         if "exceptionDetails" in found: raise RuntimeError(f"{url}: the page check raised {found['exceptionDetails']}")
-        if screenshot: screenshot.write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
+        if screenshot:
+            screenshot.write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
+            if tab.call("Runtime.evaluate", expression=SCROLL_TO_TESTS, returnByValue=True)["result"].get("value"):
+                tests = screenshot.with_name(screenshot.stem + "-tests.png")
+                tests.write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
         return found["result"]["value"], tab.events
     finally:
         tab.ws.close()
@@ -164,6 +184,7 @@ def main(argv=None) -> int:
         say = lambda what, items: problems.extend(f"{page}: {what}: {item}" for item in items)
         if not f["title"]: problems.append(f"{page}: no <title>")
         if not f["heading"]: problems.append(f"{page}: no page heading (h1)")
+        if f["search"] is False: problems.append(f"{page}: the search box does not find the page by its title")
         say("raw front matter", f["frontMatter"]); say("visible cell option", f["directives"])
         say("maths left as text", f["rawMath"]); say("maths not rendered by KaTeX", f["unrendered"])
         say("KaTeX error", f["katexErrors"]); say("image does not load", f["brokenImages"])
