@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEMO := runs/demo
 
-.PHONY: install demo test check-sync readme docs-preview
+.PHONY: install demo test check-sync readme docs-deps docs docs-check
 
 install: $(VENV)/.installed
 
@@ -35,8 +35,25 @@ check-sync: install
 		echo "nbdev-export / nbdev-clean / README changed files: run them and commit the result."; \
 		git status --porcelain; git --no-pager diff --stat; exit 1; fi
 
-docs-preview: install
-	$(BIN)/python tools/preview_docs.py --out _docs_preview
+# The offline docs site (Quarto is not installable everywhere): pandoc, KaTeX and Bootswatch from npm, Chromium.
+DOCS := _docs_offline
+DOCS_DEPS := _docs_deps
+DOCS_NPM := katex@0.19.1 bootswatch@5.3.8 @fontsource/source-sans-pro@5.3.0
+
+docs-deps: $(DOCS_DEPS)/.installed
+	@dpkg -s pandoc chromium fonts-dejavu-core >/dev/null 2>&1 || { \
+		echo "Installing pandoc and chromium (Debian packages)"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pandoc chromium fonts-dejavu-core >/dev/null; }
+
+$(DOCS_DEPS)/.installed: Makefile
+	npm install --prefix $(DOCS_DEPS) --no-audit --no-fund --silent --no-save $(DOCS_NPM)
+	touch $@
+
+docs: install docs-deps
+	$(BIN)/python tools/build_docs.py --out $(DOCS) --deps $(DOCS_DEPS)
+
+docs-check: docs
+	$(BIN)/python tools/check_docs.py $(DOCS)
 
 readme:
 	$(BIN)/jupyter nbconvert --to markdown --log-level WARN --stdout nbs/index.ipynb > README.md
