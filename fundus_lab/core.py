@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IN_TEST', 'PACKAGE_DIR', 'REPO_DIR', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'LOCK_NAME',
-           'RUN_FILE_PATTERNS', 'sized', 'set_seed', 'available_devices', 'get_device', 'data_samples_dir',
-           'user_data_dir', 'current_umask', 'disk_full_error', 'atomic_write', 'save_json', 'torch_save_atomic',
-           'FolderInUseError', 'run_lock', 'run_files', 'prepare_save_dir']
+__all__ = ['IN_TEST', 'PACKAGE_DIR', 'REPO_DIR', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_IMAGE_SIZE',
+           'LOCK_NAME', 'RUN_FILE_PATTERNS', 'sized', 'set_seed', 'available_devices', 'get_device', 'data_samples_dir',
+           'user_data_dir', 'model_image_size', 'check_outputs', 'current_umask', 'disk_full_error', 'atomic_write',
+           'save_json', 'torch_save_atomic', 'FolderInUseError', 'run_lock', 'run_files', 'prepare_save_dir']
 
 # %% ../nbs/00_core.ipynb #163166a1
 IN_TEST: bool = bool(os.environ.get("IN_TEST"))
@@ -70,6 +70,7 @@ REPO_DIR = PACKAGE_DIR.parent
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_IMAGE_SIZE = 32 # the smallest network input side: the backbones shrink an image 32-fold
 
 def data_samples_dir() -> Path:
     "The committed sample datasets of a source checkout (`data_samples/`)."
@@ -80,6 +81,38 @@ def user_data_dir(env:str="FUNDUS_DATA", # environment variable naming the folde
     "The folder of the user's own fundus photos named by `env`, or None when unset."
     value = os.environ.get(env)
     return Path(value).expanduser() if value else None
+
+# %% ../nbs/00_core.ipynb #1314493c
+def model_image_size(config:dict, # the config saved with a model (`image_size`)
+                     model_path, # the model file, for the message
+                    ) -> int:
+    "The network input side recorded in a model's config; a ValueError naming the model file when it is unusable."
+    size = config.get("image_size") if isinstance(config, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
+        raise ValueError(f"{model_path}: the model file records an image size of {size!r} pixels (at least "
+                         f"{MIN_IMAGE_SIZE} is needed); the file is damaged or was edited: use the best_model.pth "
+                         "written by training, or export it again.")
+    return size
+
+# %% ../nbs/00_core.ipynb #78b2f8ac
+def check_outputs(output, # the file, or the folder, a command will write
+                  inputs, # the files and folders it reads (None entries are skipped)
+                  flag:str, # the option that named `output`, for the message
+                  writes:tuple=(), # for a folder `output`: the names (glob patterns) of the files written into it
+                 ):
+    "Raise ValueError when writing `output` would write into an input folder or over an input file."
+    import fnmatch
+    out = Path(output).expanduser().absolute().resolve()
+    for given in inputs:
+        if given is None: continue
+        path = Path(given).expanduser().absolute().resolve()
+        if path.is_dir() and (out == path or path in out.parents):
+            raise ValueError(f"{flag} {output}: that is inside the input folder {given}, which this command reads; "
+                             "write the results to another folder.")
+        if not path.is_dir() and (out == path or (writes and path.parent == out and
+                                                   any(fnmatch.fnmatch(path.name, w) for w in writes))):
+            raise ValueError(f"{flag} {output}: writing there would overwrite the input file {given}; "
+                             "choose another output.")
 
 # %% ../nbs/00_core.ipynb #f2791b4d
 def current_umask() -> int:
@@ -176,6 +209,8 @@ def run_lock(folder, # the run's save folder (created if needed)
             ):
     "Hold `folder/.fundus-lab.lock` (pid, host, start time) for the block; FolderInUseError while another live run holds it."
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder: pass a folder (e.g. --save-dir runs/NAME).")
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder/LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
