@@ -18,7 +18,7 @@ from PIL import Image
 import fundus_lab
 from .augment import train_transform
 from .core import IMAGE_EXTENSIONS, atomic_write, save_json, sized
-from .data import ImageReadError, read_rgb
+from .data import ImageReadError, decode_photo, read_rgb
 from .preprocess import FundusNotFoundError, prepare_fundus
 from .synth import camera_settings, synth_fundus
 
@@ -26,26 +26,13 @@ from .synth import camera_settings, synth_fundus
 __all__ = ['CACHE_VERSION', 'PREPROCESS_STEPS', 'read_rgb_reduced', 'load_fundus', 'CacheError', 'build_cache', 'bench_data']
 
 # %% ../nbs/04_cache.ipynb #b2f22375
-_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 _FIELD_FRACTION = 0.9 # smallest field of view, as a fraction of the photo's shorter side
-
-def _reduction_factor(path, min_side:int) -> int:
-    "The largest JPEG reduction 8, 4 or 2 leaving `min_side` pixels on the shorter side; 1 if none or not a JPEG."
-    try:
-        with Image.open(path) as im: (w, h), kind = im.size, im.format
-    except Exception: return 1
-    if kind != "JPEG": return 1
-    return next((k for k in (8, 4, 2) if min(w, h) // k >= min_side), 1)
 
 def read_rgb_reduced(path, # an image file
                      min_side:int, # the decoded image keeps at least this many pixels on its shorter side
                     ) -> np.ndarray:
-    "Read `path` as H x W x 3 uint8 RGB, decoding a large JPEG at 1/2, 1/4 or 1/8 size when that keeps `min_side`."
-    factor = _reduction_factor(path, min_side)
-    if factor > 1:
-        bgr = cv2.imread(str(path), _REDUCED_FLAGS[factor])
-        if bgr is not None: return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    return read_rgb(path)
+    "Read `path` as H x W x 3 uint8 RGB (upright, as `read_rgb`), decoding a large JPEG at 1/2, 1/4 or 1/8 size when that keeps `min_side`."
+    return decode_photo(path, reduce=min_side)
 
 def load_fundus(path, # a fundus photo
                 size:int, # side of the square result in pixels
@@ -81,15 +68,25 @@ def _read_manifest(path:Path) -> dict|None:
     try: return json.loads(path.read_text())
     except (OSError, ValueError): return None
 
-def _cache_one(source:str, dest:Path, size:int, crop:bool, image_format:str) -> str|None:
-    "Prepare `source` into `dest` atomically; the error message, or None on success."
+def _file_check(data:bytes) -> dict:
+    "The size and SHA-256 of a cached file's bytes, as its manifest entry records them."
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+def _intact(path:Path, check:dict|None) -> bool:
+    "True when the cached file at `path` has the size and checksum its manifest entry recorded."
+    try: return check is not None and path.stat().st_size == check["bytes"] and _file_check(path.read_bytes()) == check
+    except OSError: return False
+
+def _cache_one(source:str, dest:Path, size:int, crop:bool, image_format:str) -> tuple[str|None, dict|None]:
+    "Prepare `source` into `dest` atomically; (the error message or None, the written file's size and checksum)."
     try: square = load_fundus(source, size, crop)
-    except (ImageReadError, FundusNotFoundError, ValueError) as e: return f"{source}: {e}"
+    except (ImageReadError, FundusNotFoundError, ValueError) as e: return f"{source}: {e}", None
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
     ok, encoded = cv2.imencode(f".{image_format}", cv2.cvtColor(square, cv2.COLOR_RGB2BGR), params)
-    if not ok: return f"{source}: could not be encoded as {image_format}"
-    with atomic_write(dest, "wb") as f: f.write(encoded.tobytes())
-    return None
+    if not ok: return f"{source}: could not be encoded as {image_format}", None
+    data = encoded.tobytes()
+    with atomic_write(dest, "wb") as f: f.write(data)
+    return None, _file_check(data)
 
 # %% ../nbs/04_cache.ipynb #d11930b9
 def build_cache(df:pd.DataFrame, # canonical table; its `path` column names the photos
@@ -120,15 +117,16 @@ def build_cache(df:pd.DataFrame, # canonical table; its `path` column names the 
     stamps = {s: _source_stamp(s) for s in sources}
     def up_to_date(s):
         entry = entries.get(s)
-        return entry is not None and stamps[s] is not None and entry["source"] == stamps[s] and (images/entry["file"]).is_file()
+        return (entry is not None and stamps[s] is not None and entry["source"] == stamps[s]
+                and _intact(images/entry["file"], entry.get("check")))
     todo = [s for s in sources if not up_to_date(s)]
     names = {s: _cache_name(s, image_format) for s in todo}
     with ThreadPoolExecutor(max(1, int(num_workers))) as pool:
-        errors = list(pool.map(lambda s: _cache_one(s, images/names[s], int(size), crop, image_format), todo))
-    failed = {s: e for s, e in zip(todo, errors) if e is not None}
-    for s in todo:
+        results = list(pool.map(lambda s: _cache_one(s, images/names[s], int(size), crop, image_format), todo))
+    failed = {s: e for s, (e, _) in zip(todo, results) if e is not None}
+    for s, (_, check) in zip(todo, results):
         if s in failed: entries.pop(s, None)
-        else: entries[s] = {"file": names[s], "source": stamps[s]}
+        else: entries[s] = {"file": names[s], "source": stamps[s], "check": check}
     save_json(manifest, manifest_path)
     if failed:
         listing = "\n  ".join(failed.values())

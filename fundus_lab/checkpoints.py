@@ -116,8 +116,8 @@ def load_training_checkpoint(path, # a file written by `save_training_checkpoint
     return state
 
 # %% ../nbs/09_checkpoints.ipynb #33a974ae
-class TrainingDivergedError(RuntimeError):
-    "The training loss became NaN or infinite."
+class TrainingDivergedError(RuntimeError, ValueError):
+    "The training loss became NaN or infinite (a ValueError too: the settings are the user's to change)."
 
 class StopOnNonFiniteLoss(Callback):
     "Raise `TrainingDivergedError` as soon as a training loss is NaN or infinite."

@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/cli.html.md"""
 
 # %% ../nbs/21_cli.ipynb #9cfabcdf
 from __future__ import annotations
-import argparse, contextlib, importlib, json, sys, textwrap
+import argparse, contextlib, importlib, json, re, sys, textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -188,6 +188,10 @@ def build_parser(load:str|None=None, # a lazy command whose module is imported s
         c.add_arguments(sub)
     return parser
 
+def _plain_message(e:BaseException) -> str:
+    "The message of `e` without the line fastai puts before an error raised in a training callback."
+    return re.sub(r"^Exception occured in `\w+` when calling event `\w+`:\s*", "", str(e))
+
 def main(argv:list[str]|None=None, # the arguments after `fundus-lab`; None: the command line
         ) -> int:
     "Run `fundus-lab` with `argv` and return the exit status (0 success, 2 a mistake to fix)."
@@ -205,7 +209,7 @@ def main(argv:list[str]|None=None, # the arguments after `fundus-lab`; None: the
         return 130
     except USER_ERRORS as e:
         if args.debug: raise
-        print(f"fundus-lab {args.command}: error: {e}", file=sys.stderr)
+        print(f"fundus-lab {args.command}: error: {_plain_message(e)}", file=sys.stderr)
         return 2
 
 # %% ../nbs/21_cli.ipynb #2f23c9cd
@@ -365,7 +369,7 @@ def _console_bars(show:bool):
     try: yield
     finally: fastprogress.NO_BAR = before
 
-def _read_checked(args:argparse.Namespace, task:str, purpose:str):
+def _read_checked(args:argparse.Namespace, task:str, purpose:str, min_side:int|None=None):
     "The canonical table named by --labels-csv/--img-dir/--format, after `check_dataset` for `task`."
     from fundus_lab.data import DatasetError, check_dataset, read_dataset
     if args.labels_csv is None and args.img_dir is None:
@@ -374,10 +378,29 @@ def _read_checked(args:argparse.Namespace, task:str, purpose:str):
     df = read_dataset(args.labels_csv, img_dir=args.img_dir, format=args.format, label_col=task,
                       drop_ungradable=not getattr(args, "keep_ungradable", None))
     print(f"Checking {len(df)} images of {args.labels_csv or args.img_dir} ...", flush=True)
-    try: return check_dataset(df, task)
+    try: return check_dataset(df, task, min_side=min_side)
     except DatasetError as e:
         raise CommandError(f"{e}\nNothing was {purpose}: fix or replace these files (or remove their rows from the "
                            "labels table) and run the command again.") from e
+
+# %% ../nbs/21_cli.ipynb #70e9a6db
+def _check_image_size(size, # the network input side asked for
+                      source:str, # where it comes from: a flag, or a model file
+                     ) -> int:
+    "`size` when it is a whole number of at least `MIN_IMAGE_SIZE` pixels; else a CommandError naming `source`."
+    from fundus_lab.core import MIN_IMAGE_SIZE
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
+        raise CommandError(f"{source}: an image size of {size!r} pixels is below the smallest network input, {MIN_IMAGE_SIZE} "
+                           f"pixels (the networks shrink an image 32-fold); use {MIN_IMAGE_SIZE} or more, e.g. 224.")
+    return size
+
+def _check_loss_options(options:dict):
+    "A CommandError for --loss-params keys the chosen loss does not take, before any data is read."
+    from fundus_lab.losses import check_loss_params
+    if not options.get("loss_params"): return
+    loss = options.get("loss") or ("adaptive_focal" if options.get("task") == "multilabel" else "ce")
+    try: check_loss_params(loss, options["loss_params"])
+    except ValueError as e: raise CommandError(str(e)) from None
 
 # %% ../nbs/21_cli.ipynb #b56d0948
 def _train_parser() -> argparse.ArgumentParser:
@@ -441,6 +464,8 @@ def cmd_train(args:argparse.Namespace) -> int:
     run = {k: options.pop(k, default) for k, default in RUN_DEFAULTS.items()}
     data = argparse.Namespace(**{k: options.pop(k, None) for k in ("labels_csv", "img_dir", "format", "keep_ungradable")})
     _check_device(options.get("device", TRAIN_DEFAULTS["device"]))
+    image_size = _check_image_size(options.get("image_size", TRAIN_DEFAULTS["image_size"]), "--image-size")
+    _check_loss_options(options)
     model_name = options.get("model_name", DEFAULT_MODEL_NAME)
     if not timm.is_model(model_name):
         raise CommandError(f"--model-name: unknown architecture {model_name!r}; use a timm model name "
@@ -449,19 +474,21 @@ def cmd_train(args:argparse.Namespace) -> int:
         package = "mlflow-skinny" if run["tracker"] == "mlflow" else "wandb"
         raise CommandError(f"--tracker {run['tracker']}: the {run['tracker']} package is not installed; "
                            f"pip install {package}, or use --tracker csv.")
-    df = _read_checked(data, options.get("task", TRAIN_DEFAULTS["task"]), "trained")
+    df = _read_checked(data, options.get("task", TRAIN_DEFAULTS["task"]), "trained", min_side=image_size)
+    from fundus_lab.core import prepare_save_dir
     from fundus_lab.experiments import save_training_config, train_experiment, train_folds
     save_dir, folds = Path(run.pop("save_dir")), run.pop("folds")
-    try:
-        with _console_bars(sys.stdout.isatty()):
-            if folds is None: result = train_experiment(df, save_dir, **run, **options)
-            else: result = train_folds(df, save_dir, folds=folds, **run, **options)
-    except RuntimeError as e:
-        if not isinstance(e.__cause__, OSError): raise
-        raise CommandError(str(e)) from e
-    recorded = {k: Path(v).absolute() if k in ("labels_csv", "img_dir") else v for k, v in vars(data).items() if v is not None}
-    tracking = {k: v for k, v in run.items() if v is not None}
-    save_training_config({**recorded, **({"folds": folds} if folds else {}), **tracking, **options}, save_dir/"train_options.yaml")
+    with prepare_save_dir(save_dir, resume=options.get("resume") is not None):
+        try:
+            with _console_bars(sys.stdout.isatty()):
+                if folds is None: result = train_experiment(df, save_dir, **run, **options)
+                else: result = train_folds(df, save_dir, folds=folds, **run, **options)
+        except RuntimeError as e:
+            if not isinstance(e.__cause__, OSError): raise
+            raise CommandError(str(e)) from e
+        recorded = {k: Path(v).absolute() if k in ("labels_csv", "img_dir") else v for k, v in vars(data).items() if v is not None}
+        tracking = {k: v for k, v in run.items() if v is not None}
+        save_training_config({**recorded, **({"folds": folds} if folds else {}), **tracking, **options}, save_dir/"train_options.yaml")
     if folds is None:
         written = ", ".join(Path(result[k]).name for k in ("best_model_path", "history_path", "config_path") if k in result)
         print(f"\nResults in {save_dir}: {written}, history.csv, train_options.yaml\n"

@@ -6,16 +6,17 @@ Docs: https://fundus-lab.github.io/fundus-lab/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #c6401bac
 from __future__ import annotations
-import contextlib, json, os, random, tempfile
+import contextlib, errno, json, os, random, shutil, socket, tempfile, time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IN_TEST', 'PACKAGE_DIR', 'REPO_DIR', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'sized', 'set_seed',
-           'available_devices', 'get_device', 'data_samples_dir', 'user_data_dir', 'atomic_write', 'save_json',
-           'torch_save_atomic']
+__all__ = ['IN_TEST', 'PACKAGE_DIR', 'REPO_DIR', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_IMAGE_SIZE',
+           'LOCK_NAME', 'RUN_FILE_PATTERNS', 'sized', 'set_seed', 'available_devices', 'get_device', 'data_samples_dir',
+           'user_data_dir', 'model_image_size', 'check_outputs', 'current_umask', 'disk_full_error', 'atomic_write',
+           'save_json', 'torch_save_atomic', 'FolderInUseError', 'run_lock', 'run_files', 'prepare_save_dir']
 
 # %% ../nbs/00_core.ipynb #163166a1
 IN_TEST: bool = bool(os.environ.get("IN_TEST"))
@@ -69,6 +70,7 @@ REPO_DIR = PACKAGE_DIR.parent
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".ppm", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_IMAGE_SIZE = 32 # the smallest network input side: the backbones shrink an image 32-fold
 
 def data_samples_dir() -> Path:
     "The committed sample datasets of a source checkout (`data_samples/`)."
@@ -79,6 +81,61 @@ def user_data_dir(env:str="FUNDUS_DATA", # environment variable naming the folde
     "The folder of the user's own fundus photos named by `env`, or None when unset."
     value = os.environ.get(env)
     return Path(value).expanduser() if value else None
+
+# %% ../nbs/00_core.ipynb #1314493c
+def model_image_size(config:dict, # the config saved with a model (`image_size`)
+                     model_path, # the model file, for the message
+                    ) -> int:
+    "The network input side recorded in a model's config; a ValueError naming the model file when it is unusable."
+    size = config.get("image_size") if isinstance(config, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
+        raise ValueError(f"{model_path}: the model file records an image size of {size!r} pixels (at least "
+                         f"{MIN_IMAGE_SIZE} is needed); the file is damaged or was edited: use the best_model.pth "
+                         "written by training, or export it again.")
+    return size
+
+# %% ../nbs/00_core.ipynb #78b2f8ac
+def check_outputs(output, # the file, or the folder, a command will write
+                  inputs, # the files and folders it reads (None entries are skipped)
+                  flag:str, # the option that named `output`, for the message
+                  writes:tuple=(), # for a folder `output`: the names (glob patterns) of the files written into it
+                 ):
+    "Raise ValueError when writing `output` would write into an input folder or over an input file."
+    import fnmatch
+    out = Path(output).expanduser().absolute().resolve()
+    for given in inputs:
+        if given is None: continue
+        path = Path(given).expanduser().absolute().resolve()
+        if path.is_dir() and (out == path or path in out.parents):
+            raise ValueError(f"{flag} {output}: that is inside the input folder {given}, which this command reads; "
+                             "write the results to another folder.")
+        if not path.is_dir() and (out == path or (writes and path.parent == out and
+                                                   any(fnmatch.fnmatch(path.name, w) for w in writes))):
+            raise ValueError(f"{flag} {output}: writing there would overwrite the input file {given}; "
+                             "choose another output.")
+
+# %% ../nbs/00_core.ipynb #f2791b4d
+def current_umask() -> int:
+    "The process's file-creation mask (e.g. 0o022), read without changing it where the system allows."
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f: return int(next(l for l in f if l.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+def _megabytes(n:int) -> str: return f"{n / 2**20:.1f} MB"
+
+def disk_full_error(path, # the file that could not be written
+                    detail:str|None=None, # what the writer reported, if anything
+                   ) -> OSError:
+    "An OSError(ENOSPC) naming `path` and the free space of its disk, with what to do."
+    folder = Path(path).absolute().parent
+    while not folder.exists() and folder != folder.parent: folder = folder.parent
+    try: free = _megabytes(shutil.disk_usage(folder).free)
+    except OSError: free = "unknown"
+    return OSError(errno.ENOSPC, f"Could not write {path}: the disk is full ({free} free in {folder})"
+                   + (f" [{detail}]" if detail else "") + ". Free some space or write to another disk "
+                   "(e.g. another --save-dir or --output-dir); nothing was left half-written.")
 
 # %% ../nbs/00_core.ipynb #442a273e
 @contextlib.contextmanager
@@ -91,9 +148,11 @@ def atomic_write(path, # the file to (re)write
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f: yield f
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the target the user's usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT): raise disk_full_error(path) from e
         raise
 
 def save_json(obj, # anything `json` can write
@@ -113,6 +172,110 @@ def _json_default(o):
 def torch_save_atomic(obj, # what `torch.save` should write
                       path, # the file to write
                      ) -> Path:
-    "`torch.save` into a temporary file, then rename it onto `path`."
-    with atomic_write(path, "wb") as f: torch.save(obj, f)
+    "`torch.save` into a temporary file, then rename it onto `path`; a full disk is an OSError naming the path and the free space."
+    try:
+        with atomic_write(path, "wb") as f: torch.save(obj, f)
+    except RuntimeError as e:  # torch's stream writer reports a failed write (e.g. a full disk) as a RuntimeError
+        if "write" not in str(e).lower(): raise
+        raise disk_full_error(path, str(e).strip().splitlines()[-1]) from e
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #da1af603
+LOCK_NAME = ".fundus-lab.lock"
+
+class FolderInUseError(OSError):
+    "A save folder that another run is using; the message names the holder and what to do."
+
+def _process_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    except (OSError, OverflowError): return False
+    return True
+
+def _lock_holder(lock:Path) -> dict|None:
+    "The holder recorded in `lock`, or None when the file is gone or unreadable."
+    try: holder = json.loads(lock.read_text())
+    except (OSError, ValueError): return None
+    return holder if isinstance(holder, dict) else None
+
+def _is_stale(holder:dict|None) -> bool:
+    "True when the lock's process ran on this host and is no longer running (or the lock is unreadable)."
+    if holder is None: return True
+    return holder.get("host") == socket.gethostname() and not _process_alive(int(holder.get("pid", -1)))
+
+@contextlib.contextmanager
+def run_lock(folder, # the run's save folder (created if needed)
+            ):
+    "Hold `folder/.fundus-lab.lock` (pid, host, start time) for the block; FolderInUseError while another live run holds it."
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder: pass a folder (e.g. --save-dir runs/NAME).")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder/LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_NAME}.", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f: json.dump(me, f)
+    try:
+        for _ in range(2):
+            try: os.link(tmp, lock); break  # creates the lock with its content at once, or fails if it exists
+            except FileExistsError:
+                holder = _lock_holder(lock)
+                if not _is_stale(holder):
+                    raise FolderInUseError(
+                        errno.EBUSY, f"{folder} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                        f"started {holder.get('started')}). Wait for it to finish or pass another --save-dir; if that run "
+                        f"is no longer running, delete {lock}.") from None
+                with contextlib.suppress(FileNotFoundError): lock.unlink()
+        else: raise FolderInUseError(errno.EBUSY, f"{folder}: could not take the lock {lock}; pass another --save-dir.")
+    finally: os.unlink(tmp)
+    try: yield lock
+    finally:
+        if _lock_holder(lock) == me: lock.unlink()
+
+# %% ../nbs/00_core.ipynb #3341fdc4
+RUN_FILE_PATTERNS = ("best_model.pth", "best_stage1.pth", "last_checkpoint.pth", "checkpoint_epoch_*.pth",
+                     "training_history.json", "config.json", "history.csv", "train_options.yaml", "training_curves.png",
+                     "cv_summary.json", "fold_*", "mlruns", "wandb") # what a training run writes into its folder
+
+def run_files(folder, # a save folder
+             ) -> list[Path]:
+    "The files and folders of a training run in `folder` (see `RUN_FILE_PATTERNS`), sorted."
+    folder = Path(folder)
+    return sorted({p for pattern in RUN_FILE_PATTERNS for p in folder.glob(pattern)})
+
+def _aside_folder(folder:Path) -> Path:
+    "A new sibling folder name for an earlier run's files: NAME.previous-DATE-TIME (-2, -3 ... if taken)."
+    base = folder.with_name(f"{folder.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    return next(p for p in (base, *(base.with_name(f"{base.name}-{k}") for k in range(2, 1000))) if not p.exists())
+
+def _remove(path:Path):
+    if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
+    else: path.unlink(missing_ok=True)
+
+@contextlib.contextmanager
+def prepare_save_dir(save_dir, # the run's folder
+                     resume:bool=False, # the run continues the one in `save_dir`: its files stay
+                    ):
+    "Lock `save_dir` for a run, move an earlier run's files aside; undo everything if the run stops before its first checkpoint."
+    save_dir = Path(save_dir)
+    missing = [p for p in (save_dir, *save_dir.parents) if not p.exists()]
+    try:
+        with run_lock(save_dir):
+            earlier, aside = ([] if resume else run_files(save_dir)), None
+            if earlier:
+                aside = _aside_folder(save_dir)
+                aside.mkdir()
+                for p in earlier: os.replace(p, aside/p.name)
+                print(f"{save_dir} held an earlier run: its files were moved to {aside}.")
+            try: yield aside
+            except BaseException:
+                if not resume and not any(save_dir.rglob("last_checkpoint.pth")):
+                    for p in run_files(save_dir): _remove(p)
+                    if aside is not None:
+                        for p in sorted(aside.iterdir()): os.replace(p, save_dir/p.name)
+                        aside.rmdir()
+                raise
+    finally:
+        for folder in missing:  # folders this run created and left empty
+            with contextlib.suppress(OSError): folder.rmdir()

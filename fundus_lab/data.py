@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #74645165
 from __future__ import annotations
-import io, os, re, warnings
+import io, os, re, warnings, zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,14 +19,15 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from .core import IMAGE_EXTENSIONS
+from .preprocess import content_problem
 
 # %% auto #0
 __all__ = ['DR_GRADES', 'DME_GRADES', 'ODIR_LABELS', 'UNIFIED_LABELS', 'ODIR_NAMES', 'LABEL_RANGES', 'CANONICAL_COLUMNS',
            'ODIR_KEYWORDS', 'ODIR_DR_LEFT_OUT', 'FOLDER_LABEL_COLUMNS', 'FORMAT_COLUMNS', 'READERS', 'TASKS',
-           'DatasetError', 'ImageReadError', 'to_canonical', 'image_folders', 'match_images', 'read_rgb', 'read_aptos',
-           'read_eyepacs', 'read_idrid', 'read_messidor2', 'odir_keyword_label', 'odir_keyword_flags',
-           'odir_patient_flags', 'odir_dr_grade', 'read_odir', 'read_folder', 'detect_format', 'read_dataset',
-           'task_label_columns', 'disease_classes', 'disease_labels', 'patient_split', 'patient_kfold',
+           'DatasetError', 'ImageReadError', 'to_canonical', 'image_folders', 'match_images', 'decode_photo',
+           'read_rgb', 'read_aptos', 'read_eyepacs', 'read_idrid', 'read_messidor2', 'odir_keyword_label',
+           'odir_keyword_flags', 'odir_patient_flags', 'odir_dr_grade', 'read_odir', 'read_folder', 'detect_format',
+           'read_dataset', 'task_label_columns', 'disease_classes', 'disease_labels', 'patient_split', 'patient_kfold',
            'ValidationReport', 'validate_dataset', 'check_dataset']
 
 # %% ../nbs/01_data.ipynb #d6a4999c
@@ -57,11 +58,16 @@ _STRING_COLUMNS = CANONICAL_COLUMNS[:4]
 _LABEL_COLUMNS = CANONICAL_COLUMNS[4:]
 _EYE_NAMES = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
 
-def _show_rows(rows, limit:int=10) -> str:
+def _show_rows(rows, limit:int=20) -> str:
     "'row 3: x, row 7: y' for the first `limit` (row, value) pairs, plus a count of the rest."
     rows = list(rows)
     text = ", ".join(f"row {i}: {v!r}" for i, v in rows[:limit])
     return text + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+def _row_numbers(rows, limit:int=20) -> str:
+    "'[3, 7, 9]', or the first `limit` row numbers and a count of the rest for a long list."
+    rows = list(rows)
+    return str(rows) if len(rows) <= limit else f"[{', '.join(map(str, rows[:limit]))}, ...] ({len(rows)} rows)"
 
 def _as_str(values) -> pd.Series:
     "Values as a nullable string Series: stripped, empty -> <NA>, whole floats without '.0'."
@@ -198,8 +204,26 @@ def _to_rgb8(arr:np.ndarray, bgr:bool, path) -> tuple[np.ndarray, list[str]]:
     raise ImageReadError(f"{path} has an unexpected shape {arr.shape}: expected a gray, RGB or RGBA picture. "
                          "Convert it to an RGB JPEG or PNG, or drop its row.", path)
 
-def _decode(path) -> tuple[np.ndarray, list[str]]:
-    "Read and fully decode `path`: (HxWx3 uint8 RGB, notes on conversions)."
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_ORIENTATION_TAG = 0x0112 # EXIF: how the camera was held (1 upright; 3, 6, 8 rotated; 2, 4, 5, 7 mirrored)
+
+def _header(data:bytes) -> tuple[str|None, tuple|None, int]:
+    "(format, (width, height), EXIF orientation 1-8) of an encoded image; (None, None, 1) when Pillow cannot tell."
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            orientation = im.getexif().get(_ORIENTATION_TAG, 1) if im.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
+            return im.format, im.size, orientation if orientation in range(1, 9) else 1
+    except Exception: return None, None, 1
+
+def _upright(arr:np.ndarray, orientation:int) -> np.ndarray:
+    "`arr` turned the way EXIF `orientation` says a viewer shows it (as PIL.ImageOps.exif_transpose)."
+    if orientation in (5, 6, 7, 8): arr = np.swapaxes(arr, 0, 1)  # transpose first, then flip
+    flips = {2: (1,), 3: (0, 1), 4: (0,), 5: (), 6: (1,), 7: (0, 1), 8: (0,)}.get(orientation, ())
+    for axis in flips: arr = np.flip(arr, axis)
+    return np.ascontiguousarray(arr)
+
+def _decode(path, reduce:int|None=None) -> tuple[np.ndarray, list[str]]:
+    "Read and fully decode `path` upright (EXIF orientation applied): (HxWx3 uint8 RGB, notes on conversions)."
     try: data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found. Check the path (and img_dir), or drop its row.", path) from None
@@ -210,18 +234,30 @@ def _decode(path) -> tuple[np.ndarray, list[str]]:
     if not data:
         raise ImageReadError(f"{path} is empty (0 bytes), e.g. an interrupted download or copy. Copy the file "
                              "again from the original dataset, or drop its row.", path)
-    arr = None
+    kind, size, orientation = _header(data)
+    arr, factor = None, 1
+    if reduce is not None and kind == "JPEG" and size is not None:
+        factor = next((k for k in (8, 4, 2) if min(size) // k >= reduce), 1)
     if not _looks_truncated(data):
-        try: arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        flags = (_REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_UNCHANGED) | cv2.IMREAD_IGNORE_ORIENTATION
+        try: arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         except cv2.error: arr = None
     bgr = arr is not None
     if arr is None: arr = _decode_with_pil(data, path)
-    return _to_rgb8(arr, bgr, path)
+    rgb, notes = _to_rgb8(arr, bgr, path)
+    if orientation == 1: return rgb, notes
+    return _upright(rgb, orientation), notes + ["EXIF orientation"]
+
+def decode_photo(path, # an image file: JPEG, PNG, TIFF, BMP, WebP...
+                 reduce:int|None=None, # decode a large JPEG at 1/2, 1/4 or 1/8 size when its shorter side keeps this many pixels
+                ) -> np.ndarray:
+    "The one decoder of every photo (training, cache, evaluation, prediction): HxWx3 uint8 RGB, upright by its EXIF orientation."
+    return _decode(path, reduce)[0]
 
 def read_rgb(path, # an image file: JPEG, PNG, TIFF, BMP, WebP...
             ) -> np.ndarray:
-    "Read `path` as an HxWx3 uint8 RGB array; raise ImageReadError naming the file and the fix."
-    return _decode(path)[0]
+    "Read `path` as an HxWx3 uint8 RGB array (upright); raise ImageReadError naming the file and the fix."
+    return decode_photo(path)
 
 # %% ../nbs/01_data.ipynb #55301f28
 _SPREADSHEET_ENGINES = {".xlsx": "openpyxl", ".xlsm": "openpyxl", ".xls": "xlrd"}
@@ -260,6 +296,10 @@ def _read_table(source, # a CSV/TSV/XLSX path or a DataFrame
             else: table = pd.read_csv(path, dtype=str, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8-sig")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
             raise DatasetError(f"Labels file {path} cannot be read as a table ({e}). Check it is a CSV with a header row.") from None
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+            if suffix not in _SPREADSHEET_ENGINES: raise
+            raise DatasetError(f"Labels file {path} is a damaged or incomplete spreadsheet ({type(e).__name__}: {e}). "
+                               "Open it in your spreadsheet program and save it again (or as CSV), or copy it again.") from None
     table.columns = _known_spelling(table.columns)
     empty_unnamed = [c for c in table.columns if c.startswith("Unnamed:") and table[c].isna().all()]
     return table.drop(columns=empty_unnamed)
@@ -770,7 +810,8 @@ def patient_kfold(df:pd.DataFrame, # canonical table
 
 # %% ../nbs/01_data.ipynb #c1540fed
 _PROBLEM_KINDS = {"columns": "Missing columns", "ids": "Missing or invalid ids", "duplicates": "Duplicates",
-                  "labels": "Labels", "files": "Missing files", "images": "Unreadable images"}
+                  "labels": "Labels", "files": "Missing files", "images": "Unreadable images",
+                  "content": "Photos with nothing to grade"}
 
 @dataclass
 class ValidationReport:
@@ -819,11 +860,13 @@ def _row(df:pd.DataFrame, i) -> str:
     image_id = df.at[i, "image_id"] if "image_id" in df.columns else pd.NA
     return f"row {i}" + ("" if pd.isna(image_id) else f", image {image_id}")
 
-def _inspect_image(path:str) -> tuple[str|None, list[str]]:
-    "(error message or None, conversion notes) after fully decoding `path`."
-    try: return None, _decode(path)[1]
-    except ImageReadError as e: return str(e), []
-    except Exception as e: return f"{path} cannot be decoded ({type(e).__name__}: {e}). Copy it again or drop its row.", []
+def _inspect_image(path:str, min_side:int|None=None) -> tuple[str|None, list[str], str|None]:
+    "(error message or None, conversion notes, content problem or None) after fully decoding `path`."
+    try: rgb, notes = _decode(path)
+    except ImageReadError as e: return str(e), [], None
+    except Exception as e: return f"{path} cannot be decoded ({type(e).__name__}: {e}). Copy it again or drop its row.", [], None
+    problem = None if min_side is None else content_problem(rgb, min_side)
+    return None, notes, None if problem is None else f"{path}: {problem}. Replace it with a gradable photo or drop its row."
 
 def _check_labels(df, report, columns):
     for column in columns:
@@ -857,9 +900,9 @@ def _check_ids(df, report):
             rows = list(rows)
             advice = ("Keep one row per photo; if these are different photos, rename them."
                       if column == "image_id" else "Remove the duplicate rows.")
-            report.add("duplicates", f"{what} {value} is used by rows {rows}. {advice}", rows[1:])
+            report.add("duplicates", f"{what} {value} is used by rows {_row_numbers(rows)}. {advice}", rows[1:])
 
-def _check_files(df, report, check_images, max_workers):
+def _check_files(df, report, check_images, max_workers, min_side=None):
     paths = df["path"]
     for i in df.index[paths.isna().to_numpy()]:
         report.add("files", f"{_row(df, i)}: path is empty. Re-read the dataset with read_dataset.", [i])
@@ -874,11 +917,13 @@ def _check_files(df, report, check_images, max_workers):
                                 "or drop the row.", rows)
     if not check_images: return
     present = [p for p in unique if exists[p]]
-    with ThreadPoolExecutor(max_workers=max_workers) as pool: results = list(pool.map(_inspect_image, present))
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        results = list(pool.map(lambda p: _inspect_image(p, min_side), present))
     report.n_images_checked = len(present)
     converted = {}
-    for p, (error, notes) in zip(present, results):
+    for p, (error, notes, problem) in zip(present, results):
         if error: report.add("images", f"{_row(df, rows_of[p][0])}: {error}", list(rows_of[p]))
+        if problem: report.add("content", f"{_row(df, rows_of[p][0])}: {problem}", list(rows_of[p]))
         for note in notes: converted.setdefault(note, []).append(os.path.basename(p))
     for note, files in converted.items():
         report.notes.append(f"{len(files)} image(s) {'are' if note in ('grayscale', '16-bit', 'floating-point') else 'have an'} "
@@ -894,6 +939,7 @@ def validate_dataset(df:pd.DataFrame, # canonical table
                      task:str="dr", # the task whose label columns are checked (see TASKS)
                      check_images:bool=True, # also decode every image fully (in a thread pool)
                      max_workers:int|None=None, # threads for decoding; None: ThreadPoolExecutor's default
+                     min_side:int|None=None, # also refuse photos with too little to grade for this network input side (`content_problem`)
                     ) -> ValidationReport:
     "Check columns, ids, labels, files and images of `df`; every problem names the row/file and the fix."
     columns = task_label_columns(task)
@@ -909,14 +955,15 @@ def validate_dataset(df:pd.DataFrame, # canonical table
     if {"image_id", "patient_id", "eye", "path"} <= set(df.columns): _check_ids(df, report)
     _check_labels(df, report, [c for c in columns if c in df.columns])
     if task == "disease" and set(ODIR_LABELS) <= set(df.columns): _check_one_diagnosis(df, report)
-    if "path" in df.columns: _check_files(df, report, check_images, max_workers)
+    if "path" in df.columns: _check_files(df, report, check_images, max_workers, min_side)
     return report
 
 def check_dataset(df:pd.DataFrame, # canonical table
                   task:str="dr", # the task whose label columns are checked (see TASKS)
                   check_images:bool=True, # also decode every image fully
+                  min_side:int|None=None, # also refuse photos with too little to grade for this network input side
                  ) -> pd.DataFrame:
     "Return `df` when `validate_dataset` finds no problem, else raise DatasetError listing every problem."
-    report = validate_dataset(df, task, check_images)
+    report = validate_dataset(df, task, check_images, min_side=min_side)
     if not report.ok: raise DatasetError(report.summary())
     return df

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from .augment import TTA_VIEWS, tta_predict, tta_views, valid_transform
 from .calibration import expected_calibration_error, quadratic_kappa
 from .cli import _check_device, _dataset_arguments, _loader_arguments, _read_checked, command, fraction, non_negative_int
-from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, get_device, save_json
+from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, check_outputs, get_device, model_image_size, save_json
 from .data import disease_labels
 from .metrics import classification_metrics
 from .multilabel import multilabel_metrics
@@ -31,11 +31,11 @@ from .train import FundusDataset, preprocessing_options, train_model
 
 # %% auto #0
 __all__ = ['REFERABLE_FROM', 'IDX_DR_SPECIFICITY', 'MULTILABEL_SUMMARY', 'MULTILABEL_THRESHOLD', 'SUMMARY_NAMES',
-           'predict_logits', 'predict_probs', 'predict_task_probs', 'macro_aupr', 'task_metrics', 'operating_point',
-           'referable_metrics', 'bootstrap_ci', 'metric_intervals', 'plot_confusion_matrix', 'plot_roc_curves',
-           'plot_label_confusion', 'predictions_table', 'resolve_model_paths', 'load_models', 'ensemble_probs',
-           'generalisation_gap', 'evaluate_model', 'report_files', 'format_metrics', 'cross_dataset_evaluation',
-           'cmd_evaluate']
+           'REPORT_PATTERNS', 'predict_logits', 'predict_probs', 'predict_task_probs', 'macro_aupr', 'task_metrics',
+           'operating_point', 'referable_metrics', 'bootstrap_ci', 'metric_intervals', 'plot_confusion_matrix',
+           'plot_roc_curves', 'plot_label_confusion', 'predictions_table', 'resolve_model_paths', 'load_models',
+           'ensemble_probs', 'generalisation_gap', 'evaluate_model', 'report_files', 'format_metrics',
+           'cross_dataset_evaluation', 'cmd_evaluate']
 
 # %% ../nbs/11_evaluate.ipynb #1003da5d
 def _outputs(fn, df:pd.DataFrame, image_size:int, batch_size:int, num_workers:int, torch_device:torch.device,
@@ -353,6 +353,7 @@ def resolve_model_paths(model_paths, # a checkpoint, a folder (best_model.pth or
 
 def _model_input_options(config:dict, model_path) -> dict:
     "The dataset options reproducing a checkpoint's preprocessing; refuse what this version cannot apply."
+    model_image_size(config, model_path)
     if not (np.allclose(config["mean"], IMAGENET_MEAN) and np.allclose(config["std"], IMAGENET_STD)):
         raise ValueError(f"{model_path} was trained with mean {config['mean']} and std {config['std']}; "
                          "this version of fundus_lab evaluates with the ImageNet normalisation only.")
@@ -578,6 +579,8 @@ def cross_dataset_evaluation(train_df:pd.DataFrame, # canonical table of the tra
     return evaluate_model(trained["best_model_path"], test_df, Path(save_dir)/"cross_dataset", **options)
 
 # %% ../nbs/11_evaluate.ipynb #c90ba1cb
+REPORT_PATTERNS = ("metrics.json", "classification_report.txt", "predictions.csv", "confusion_matrix*.png", "roc_curves*.png")
+
 def _evaluate_arguments(parser:argparse.ArgumentParser):
     _dataset_arguments(parser, "held-out")
     parser.add_argument("--model-path", type=Path, nargs="+", required=True,
@@ -626,8 +629,12 @@ def cmd_evaluate(args:argparse.Namespace) -> int:
     _check_device(args.device)
     paths = resolve_model_paths(args.model_path)
     _, config = load_any_model(paths[0])
-    df = _read_checked(args, config["task"], "evaluated")
+    image_size = model_image_size(config, paths[0])
     output_dir = args.output_dir or (args.model_path[0] if args.model_path[0].is_dir() else args.model_path[0].parent)/"evaluation"
+    image_folder = args.img_dir or (args.labels_csv.parent if args.labels_csv is not None else None)
+    check_outputs(output_dir, [image_folder, args.labels_csv, *paths], "--output-dir", writes=REPORT_PATTERNS)
+    df = _read_checked(args, config["task"], "evaluated", min_side=image_size)
+    check_outputs(output_dir, sorted({str(Path(p).parent) for p in df.path}), "--output-dir")
     print(f"Evaluating {len(paths)} model{'s' if len(paths) > 1 else ''} on {len(df)} images"
           + (f" with {args.tta} test-time augmentation" if args.tta else "") + " ...", flush=True)
     metrics = evaluate_model(paths, df, output_dir, batch_size=args.batch_size, num_workers=args.num_workers,

@@ -131,11 +131,25 @@ class HistoryCSVLogger(CSVLogger):
         path = self.path/self.fname
         path.parent.mkdir(parents=True, exist_ok=True)
         new_file = self.n_fits == 1 and not (self.append and path.is_file())
+        if not new_file and self.n_fits == 1: self._keep_rows_before(path, self._start_epoch())
         self.file = path.open("w" if new_file else "a")
         if new_file: self.file.write(",".join(["fit", *self.recorder.metric_names]) + "\n")
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
+    def _start_epoch(self) -> int:
+        "The epoch a resumed fit starts from (fastai skips the epochs before it), 0 for a new one."
+        return next((cb._skip_to for cb in self.learn.cbs if type(cb).__name__ == "SkipToEpoch"), 0)
+
+    def _keep_rows_before(self, path:Path, start:int):
+        "Rewrite `path` keeping its header and the complete rows of the epochs before `start` (a resumed run redoes the rest)."
+        lines = path.read_text().splitlines()
+        if not lines: return
+        width = len(lines[0].split(","))
+        rows = [l for l in lines[1:] if len(l.split(",")) == width and l.split(",")[1].isdigit() and int(l.split(",")[1]) < start]
+        with atomic_write(path, "w") as f: f.write("\n".join([lines[0], *rows]) + "\n")
+
     def _write_line(self, log):
+        if len(log) < len(self.recorder.metric_names): return self.old_logger(log)  # an epoch skipped by a resumed fit
         super()._write_line([self.n_fits, *log])
 
 # %% ../nbs/10_experiments.ipynb #f0c6f01b

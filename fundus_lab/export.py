@@ -21,9 +21,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from .cli import CommandError, command, positive_float, positive_int
-from .core import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, atomic_write
+from .core import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, atomic_write, check_outputs, model_image_size
 from .data import read_rgb
-from .preprocess import clahe_lightness, prepare_fundus
+from .preprocess import clahe_lightness, content_problem, prepare_fundus
 with warnings.catch_warnings():  # importing fastai 2.8 uses torch.jit.script, deprecated in torch 2.14
     warnings.simplefilter("ignore", FutureWarning)
     from fundus_lab.augment import tta_views
@@ -32,10 +32,10 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses torch.jit.script, d
 
 # %% auto #0
 __all__ = ['ONNX_INPUT', 'ONNX_OUTPUT', 'DEFAULT_OPSET', 'DEFAULT_TOLERANCE', 'METADATA_KEYS', 'CONFIG_METADATA',
-           'ExportMismatchError', 'onnx_metadata', 'export_onnx', 'TorchClassifier', 'OnnxClassifier', 'load_onnx',
-           'load_classifier', 'prepare_input', 'output_groups', 'logits_to_probs', 'classifier_probs', 'list_images',
-           'predict_images', 'cpu_name', 'latency_table', 'gradcam_target', 'gradcam', 'gradcam_overlay',
-           'plot_gradcam', 'heat_on_lesions', 'cmd_export', 'cmd_predict']
+           'ExportMismatchError', 'onnx_metadata', 'supported_opsets', 'export_onnx', 'TorchClassifier',
+           'OnnxClassifier', 'load_onnx', 'load_classifier', 'prepare_input', 'output_groups', 'logits_to_probs',
+           'classifier_probs', 'list_images', 'predict_images', 'cpu_name', 'latency_table', 'gradcam_target',
+           'gradcam', 'gradcam_overlay', 'plot_gradcam', 'heat_on_lesions', 'cmd_export', 'cmd_predict']
 
 # %% ../nbs/20_export.ipynb #5840caac
 ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
@@ -51,6 +51,14 @@ def onnx_metadata(config:dict, # the model config saved with the checkpoint
                  ) -> dict[str, str]:
     "The ONNX `metadata_props` for a model config: each of `METADATA_KEYS` and the whole config, as JSON strings."
     return {CONFIG_METADATA: json.dumps(config), **{key: json.dumps(config[key]) for key in METADATA_KEYS}}
+
+def supported_opsets(dynamo:bool=False, # the torch.export exporter instead of the TorchScript one
+                    ) -> tuple[int, int]:
+    "(lowest, highest) ONNX operator set the installed torch exporter writes, as torch itself records them."
+    from torch.onnx import _constants as limits
+    highest = min(limits.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
+    if dynamo: return 18, highest  # torch.export writes opset 18 and later
+    return limits.ONNX_MIN_OPSET, min(limits.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET, highest)
 
 def _export_graph(model:nn.Module, example:torch.Tensor, opset:int, dynamo:bool) -> onnx.ModelProto:
     "The ONNX graph of `model` traced on `example`, with a dynamic batch axis."
@@ -82,11 +90,19 @@ def export_onnx(model_path, # a checkpoint written by save_model / save_any_mode
                 seed:int=0, # seed of the random check images
                ) -> dict:
     "Export a saved model to ONNX with its config in the metadata, check it with ONNX Runtime, write it atomically."
+    low, high = supported_opsets(dynamo)
+    if not low <= opset <= high:
+        raise ValueError(f"--opset {opset}: the {'torch.export' if dynamo else 'TorchScript'} exporter of torch {torch.__version__} "
+                         f"writes ONNX opsets {low} to {high}; pick one of them (default {DEFAULT_OPSET}).")
     model, config = load_any_model(model_path, device="cpu")
-    size = int(config["image_size"])
+    size = model_image_size(config, model_path)
     generator = torch.Generator().manual_seed(seed)
     traced, checked = (torch.randn(n, 3, size, size, generator=generator) for n in (2, 3))
-    graph = _export_graph(model, traced, opset, dynamo)
+    try: graph = _export_graph(model, traced, opset, dynamo)
+    except Exception as e:  # an operator the opset lacks: the exporter's message can run to pages of graph
+        first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)[:300]
+        raise ValueError(f"Exporting {model_path} with opset {opset} failed ({type(e).__name__}: {first}); nothing was "
+                         f"written. Try the default --opset {DEFAULT_OPSET}" + ("" if dynamo else " or --dynamo") + ".") from e
     onnx.checker.check_model(graph)
     onnx.helper.set_model_props(graph, onnx_metadata(config))
     data = graph.SerializeToString()
@@ -111,6 +127,7 @@ class TorchClassifier:
                 ):
         self.path = Path(model_path)
         self.model, self.config = load_any_model(self.path, device="cpu")
+        model_image_size(self.config, self.path)
 
     def __call__(self, images:np.ndarray, # N x 3 x S x S float32 normalised images
                 ) -> np.ndarray:
@@ -132,6 +149,7 @@ class OnnxClassifier:
             raise ValueError(f"{self.path} is an ONNX model without fundus-lab metadata (class names, image size, "
                              "normalisation); export it with `fundus-lab export` or export_onnx.")
         self.config = json.loads(metadata[CONFIG_METADATA])
+        model_image_size(self.config, self.path)
 
     def __call__(self, images:np.ndarray, # N x 3 x S x S float32 normalised images
                 ) -> np.ndarray:
@@ -210,24 +228,41 @@ def list_images(paths, # image files and/or folders of images
     if not found: raise ValueError("No images given: pass image files or folders.")
     return found
 
+def _graded_inputs(files:list, config:dict) -> tuple[list, list]:
+    "(content problem or None per file, the network inputs of the files without one), each photo decoded once."
+    problems, inputs = [], []
+    for f in files:
+        photo = read_rgb(f)
+        problem = content_problem(photo, model_image_size(config, "the model"))
+        problems.append(problem)
+        if problem is None: inputs.append(prepare_input(photo, config))
+    return problems, inputs
+
 def predict_images(model, # a model file (.pth or .onnx), or a TorchClassifier / OnnxClassifier
                    images, # image files and/or folders
                    tta:bool=False, # average over the four flips
                    batch_size:int=16, # images per forward pass
                   ) -> pd.DataFrame:
-    "One row per image: `image`, the predicted class (per task) and the probability of every class."
+    "One row per image: `image`, the predicted class (per task) and the probability of every class; photos with nothing to grade are 'ungradable' with the `problem`."
     classifier = model if isinstance(model, (TorchClassifier, OnnxClassifier)) else load_classifier(model)
     files = list_images(images)
-    inputs = np.stack([prepare_input(f, classifier.config) for f in files])
-    probs = np.concatenate([classifier_probs(classifier, inputs[i:i + batch_size], tta)
-                            for i in range(0, len(inputs), batch_size)])
+    problems, inputs = _graded_inputs(files, classifier.config)
+    n_outputs = sum(len(names) for _, names, _ in output_groups(classifier.config))
+    probs = np.full((len(files), n_outputs), np.nan, np.float32)
+    graded = [i for i, p in enumerate(problems) if p is None]
+    if graded:
+        stacked = np.stack(inputs)
+        probs[graded] = np.concatenate([classifier_probs(classifier, stacked[i:i + batch_size], tta)
+                                        for i in range(0, len(stacked), batch_size)])
     table, start = pd.DataFrame({"image": [str(f) for f in files]}), 0
     for prefix, names, activation in output_groups(classifier.config):
         group = probs[:, start:start + len(names)]
         if activation == "softmax": table[f"{prefix}predicted"] = [names[k] for k in group.argmax(1)]
         else: table[f"{prefix}predicted"] = ["+".join(n for n, p in zip(names, row) if p >= 0.5) or "none" for row in group]
+        table.loc[[p is not None for p in problems], f"{prefix}predicted"] = "ungradable"
         for k, name in enumerate(names): table[f"{prefix}prob_{name}"] = group[:, k]
         start += len(names)
+    table["problem"] = [p or "" for p in problems]
     return table
 
 # %% ../nbs/20_export.ipynb #a5a4a4e6
@@ -407,6 +442,7 @@ def cmd_predict(args:argparse.Namespace) -> int:
     if not args.model_path.is_file(): raise CommandError(f"--model-path: no model file at {args.model_path}.")
     try: classifier = load_classifier(args.model_path)
     except ValueError as e: raise CommandError(f"--model-path: {e}") from e
+    if args.output is not None: check_outputs(args.output, [args.model_path, *args.images], "--output")
     table = predict_images(classifier, args.images, tta=args.tta, batch_size=args.batch_size)
     if args.output is None:
         with pd.option_context("display.max_rows", None, "display.width", 200):
@@ -414,4 +450,9 @@ def cmd_predict(args:argparse.Namespace) -> int:
     else:
         with atomic_write(args.output, "w") as f: table.to_csv(f, index=False)
         print(f"Wrote predictions for {len(table)} images to {args.output}")
+    ungradable = table[table.problem != ""]
+    if len(ungradable):
+        print(f"{len(ungradable)} photo(s) not graded (predicted 'ungradable'):\n" +
+              "\n".join(f"  {image}: {problem}" for image, problem in zip(ungradable.image[:20], ungradable.problem[:20]))
+              + (f"\n  ... and {len(ungradable) - 20} more" if len(ungradable) > 20 else ""))
     return 0

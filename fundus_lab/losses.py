@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/losses.html.md"""
 
 # %% ../nbs/13_losses.ipynb #0e59b0b6
 from __future__ import annotations
-import math
+import inspect, math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import nn
 __all__ = ['REDUCTIONS', 'SCHEDULES', 'UNIFIED_LABELS_ORDER', 'UNIFIED_ALPHA', 'UNIFIED_GAMMA', 'MULTICLASS_LOSSES',
            'MULTILABEL_LOSSES', 'LOSS_NAMES', 'softmax_focal_loss', 'FocalLoss', 'inverse_frequency_weights',
            'class_balanced_weights', 'SmoothModulationLoss', 'SigmoidFocalLoss', 'AdaptiveFocalLoss', 'AsymmetricLoss',
-           'make_loss']
+           'make_loss', 'loss_parameters', 'check_loss_params']
 
 # %% ../nbs/13_losses.ipynb #8f27957d
 REDUCTIONS = ("mean", "sum", "none")
@@ -330,6 +330,7 @@ def make_loss(name:str, # one of LOSS_NAMES
     if name not in LOSS_NAMES:
         raise ValueError(f"Unknown loss {name!r}. Known losses: multi-class {', '.join(MULTICLASS_LOSSES)}; "
                          f"multi-label {', '.join(MULTILABEL_LOSSES)}.")
+    check_loss_params(name, kwargs)
     if name in ("weighted_ce", "cb_focal", "smooth_modulation") and class_counts is None:
         raise ValueError(f"Loss {name!r} needs class_counts (the number of training examples per class).")
     if name == "ce": return FocalLoss(0.0, **kwargs)
@@ -342,3 +343,28 @@ def make_loss(name:str, # one of LOSS_NAMES
     if name == "sigmoid_focal": return SigmoidFocalLoss(gamma, **kwargs)
     if name == "adaptive_focal": return AdaptiveFocalLoss(**kwargs)
     return AsymmetricLoss(**kwargs)
+
+# %% ../nbs/13_losses.ipynb #c5ac3246
+_LOSS_CLASSES = {"ce": FocalLoss, "weighted_ce": FocalLoss, "focal": FocalLoss, "cb_focal": FocalLoss,
+                 "smooth_modulation": SmoothModulationLoss, "sigmoid_focal": SigmoidFocalLoss,
+                 "adaptive_focal": AdaptiveFocalLoss, "asymmetric": AsymmetricLoss, "bce": nn.BCEWithLogitsLoss}
+_SET_BY_MAKE_LOSS = {"ce": ("gamma",), "focal": ("gamma",), "weighted_ce": ("gamma", "alpha"), "cb_focal": ("gamma", "alpha"),
+                     "smooth_modulation": ("class_counts",), "sigmoid_focal": ("gamma",), "bce": ("size_average", "reduce")}
+
+def loss_parameters(name:str, # a loss name: one of LOSS_NAMES, or 'bce'
+                   ) -> list[str]:
+    "The keyword arguments a loss takes besides those `make_loss` sets itself (class counts, gamma), read from its signature."
+    if name not in _LOSS_CLASSES: raise ValueError(f"Unknown loss {name!r}; known losses: {', '.join(_LOSS_CLASSES)}.")
+    fixed = _SET_BY_MAKE_LOSS.get(name, ())
+    names = [p for p in inspect.signature(_LOSS_CLASSES[name].__init__).parameters if p not in ("self", *fixed)]
+    return (["beta"] if name == "cb_focal" else []) + names
+
+def check_loss_params(name:str, # a loss name
+                      params:dict|None, # the extra keyword arguments, e.g. from --loss-params
+                     ):
+    "Raise ValueError naming the unknown keys of `params` and the valid ones for loss `name`."
+    valid = loss_parameters(name)
+    unknown = [k for k in (params or {}) if k not in valid]
+    if unknown:
+        raise ValueError(f"--loss-params: unknown parameter(s) {', '.join(map(repr, unknown))} for the loss {name!r}; "
+                         f"its parameters are {', '.join(valid)}" + (" (set gamma with --focal-gamma)" if "gamma" in unknown else "") + ".")

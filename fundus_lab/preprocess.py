@@ -14,7 +14,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['FundusNotFoundError', 'FieldOfView', 'detect_field', 'fundus_box', 'crop_to_fundus', 'pad_to_square',
-           'prepare_fundus', 'ben_graham', 'clahe_lightness', 'green_contrast', 'QualityReport', 'image_quality']
+           'prepare_fundus', 'ben_graham', 'clahe_lightness', 'green_contrast', 'QualityReport', 'image_quality',
+           'content_problem']
 
 # %% ../nbs/03_preprocess.ipynb #189e32a7
 class FundusNotFoundError(ValueError):
@@ -70,6 +71,14 @@ def _brightest_channel(img):
     if scale == 1.0: return brightest
     return cv2.resize(brightest, (max(1, round(w*scale)), max(1, round(h*scale))), interpolation=cv2.INTER_AREA)
 
+def _white_share(img:np.ndarray) -> float:
+    "The share of pixels whose three channels are all at least `_WHITE_LEVEL` (blank or burnt-out white)."
+    return float((img.min(axis=2) >= _WHITE_LEVEL).mean())
+
+def _white_photo_error(img:np.ndarray) -> FundusNotFoundError:
+    return FundusNotFoundError(f"No field of view found: the photo is white ({100 * _white_share(img):.0f}% of its pixels "
+                               "are blank white; overexposed, or not a fundus photo). Check the file.")
+
 def _black_photo_error(level:float) -> FundusNotFoundError:
     return FundusNotFoundError(f"No field of view found: the photo is black (typical field level {level:.0f} of "
                                "255). Check the file, or skip the crop with prepare_fundus(..., crop=False).")
@@ -121,7 +130,10 @@ def detect_field(img:np.ndarray, # H x W x 3 uint8 RGB fundus photo
     brightest = _brightest_channel(img)
     level = cv2.medianBlur(brightest, 5)
     if threshold is None:
-        threshold = _auto_threshold(level)
+        try: threshold = _auto_threshold(level)
+        except FundusNotFoundError:
+            if _white_share(img) > 0.5: raise _white_photo_error(img) from None
+            raise
         if threshold is None:
             return FieldOfView((0, 0, w, h), ((w-1)/2, (h-1)/2), max(h, w)/2, None, (h, w))
     count, labels, stats, _ = cv2.connectedComponentsWithStats((level > threshold).astype(np.uint8), connectivity=8)
@@ -254,3 +266,20 @@ def image_quality(img:np.ndarray, # H x W x 3 uint8 RGB fundus photo
     sharpness = float(laplacian[inside].var()) * 1e4
     problems = (("too dark",) if brightness < min_brightness else ()) + (("too blurred",) if sharpness < min_sharpness else ())
     return QualityReport(True, brightness, sharpness, problems)
+
+# %% ../nbs/03_preprocess.ipynb #873db2aa
+def content_problem(img:np.ndarray, # H x W x 3 uint8 RGB photo, as `read_rgb` returns it
+                    min_side:int=32, # the network's input side: smaller photos cannot be graded
+                   ) -> str|None:
+    "None when `img` holds a gradable amount of picture; else why not: 'too small', 'too few field-of-view pixels', black or white."
+    _check_rgb(img)
+    h, w = img.shape[:2]
+    if min(h, w) < min_side:
+        return f"too small: {w}x{h} pixels, below the network's input side of {min_side} pixels"
+    try: field = detect_field(img)
+    except FundusNotFoundError as e: return str(e).removeprefix("No field of view found: ").split(" (")[0].split(". ")[0]
+    area = h * w if field.region is None else float(field.region.mean()) * h * w
+    needed = (min_side / 2) ** 2
+    if area < needed:
+        return f"too few field-of-view pixels: the field covers {area:.0f} pixels, fewer than the {needed:.0f} a {min_side}-pixel input needs"
+    return None
