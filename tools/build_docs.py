@@ -199,7 +199,7 @@ def sidebar_html(pages:list, titles:dict, html_names:dict, current:str) -> str:
 
 def search_entries(page_html:str, html_name:str, title:str) -> list[dict]:
     "One search entry per section (heading and the text up to the next heading) of a rendered page."
-    main = page_html.split('<main id="content"', 1)[-1].split("</main>", 1)[0]
+    main = page_html.split('<main id="content">', 1)[-1].split("</main>", 1)[0]
     main = re.sub(r"<(script|style)\b.*?</\1>", " ", main, flags=re.S)
     entries, pieces = [], re.split(r'<h[1-4][^>]*\bid="([^"]+)"[^>]*>(.*?)</h[1-4]>', main, flags=re.S)
     text_of = lambda fragment: re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", fragment))).strip()
