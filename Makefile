@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEMO := runs/demo
 
-.PHONY: install demo test check-sync readme docs-deps docs docs-check
+.PHONY: install demo test check-sync readme docs-deps docs-system-deps docs docs-check
 
 install: $(VENV)/.installed
 
@@ -41,11 +41,14 @@ DOCS_DEPS := _docs_deps
 DOCS_NPM := katex@0.19.1 bootswatch@5.3.8 @fontsource/source-sans-pro@5.3.0
 
 docs-deps: $(DOCS_DEPS)/.installed
-	@dpkg -s pandoc chromium fonts-dejavu-core >/dev/null 2>&1 || { \
-		echo "Installing pandoc and chromium (Debian packages)"; apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pandoc chromium fonts-dejavu-core >/dev/null; }
 
-$(DOCS_DEPS)/.installed: Makefile
+docs-system-deps:
+	@dpkg -s pandoc chromium fonts-dejavu-core >/dev/null 2>&1 && command -v npm >/dev/null || { \
+		echo "Installing pandoc and chromium (Debian packages)"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pandoc chromium fonts-dejavu-core \
+		$$(command -v npm >/dev/null || echo npm) >/dev/null; }
+
+$(DOCS_DEPS)/.installed: Makefile | docs-system-deps
 	npm install --prefix $(DOCS_DEPS) --no-audit --no-fund --silent --no-save $(DOCS_NPM)
 	touch $@
 

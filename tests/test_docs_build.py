@@ -165,3 +165,22 @@ def test_browser_check_finds_each_defect(tmp_path, capsys):
                      "bad.html: JavaScript error: ReferenceError: undefinedFunction is not defined"):
         assert expected in err, expected
     assert "good.html:" not in err and "example.org" not in err
+
+
+def test_workflows_run_the_readme_commands():
+    "The GitHub workflows install as the README does and run its commands with the project's Python."
+    import yaml
+    workflows = REPO_DIR/".github"/"workflows"
+    test, deploy = (yaml.safe_load((workflows/name).read_text()) for name in ("test.yaml", "deploy.yaml"))
+    runs = lambda wf: [step.get("run", "") for job in wf["jobs"].values() for step in job["steps"]]
+    pythons = lambda wf: {step["with"]["python-version"] for job in wf["jobs"].values() for step in job["steps"]
+                          if step.get("uses", "").startswith("actions/setup-python")}
+    assert {"make install", "make test", "make check-sync"} <= set(runs(test))
+    assert "make install" in runs(deploy) and ".venv/bin/nbdev-docs" in runs(deploy)
+    assert pythons(test) == pythons(deploy) == {"3.11"}
+    publish = [s for s in deploy["jobs"]["deploy"]["steps"] if s.get("uses", "").startswith("peaceiris/actions-gh-pages")]
+    assert publish and publish[0]["with"]["publish_dir"] == "./_docs"
+    readme = (REPO_DIR/"README.md").read_text()
+    assert all(cmd in readme for cmd in ("make test", "make check-sync", "nbdev-docs", "make docs-check"))
+    pins = (REPO_DIR/".github"/"constraints.txt").read_text()
+    assert "torch==2.14.1" in pins and "torchvision==0.29.1" in pins

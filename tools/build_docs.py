@@ -18,7 +18,7 @@ from nbdev.serve import proc_nbs
 ROOT = Path(__file__).resolve().parents[1]
 NBS, PROC, SITE = ROOT/"nbs", ROOT/"_proc", ROOT/"tools"/"docs_site"
 FOLD_LINES = 8  # test cells longer than this many lines are folded
-_TEST_CALL = re.compile(r"\b(test_\w+|assert)\b[ (]")
+_TEST_CALL = re.compile(r"\btest_\w*\(|^\s*assert\b", re.M)  # a fastcore.test call or an assert
 _ANSI = re.compile(r"\x1B(?:[@-Z\\-_]|\[[0-?]*[ -/]*[@-~])")
 
 
@@ -113,9 +113,9 @@ class Page:
         self.meta, self.problems, self.n_figures = {}, [], 0
         cells = self.nb["cells"]
         if cells and cells[0]["cell_type"] == "raw":
-            front = "".join(cells[0]["source"]).strip()
-            if front.startswith("---"):
-                self.meta = yaml.safe_load(front.strip("-\n")) or {}
+            front = re.match(r"\s*---\n(.*?)\n---\s*$", "".join(cells[0]["source"]), re.S)
+            if front:
+                self.meta = yaml.safe_load(front.group(1)) or {}
                 cells = cells[1:]
         self.cells = cells
         self.title = str(self.meta.get("title", path.stem))
@@ -199,7 +199,7 @@ def sidebar_html(pages:list, titles:dict, html_names:dict, current:str) -> str:
 
 def search_entries(page_html:str, html_name:str, title:str) -> list[dict]:
     "One search entry per section (heading and the text up to the next heading) of a rendered page."
-    main = page_html.split('<main id="content"', 1)[-1].split("</main>", 1)[0]
+    main = page_html.split('<main id="content">', 1)[-1].split("</main>", 1)[0]
     main = re.sub(r"<(script|style)\b.*?</\1>", " ", main, flags=re.S)
     entries, pieces = [], re.split(r'<h[1-4][^>]*\bid="([^"]+)"[^>]*>(.*?)</h[1-4]>', main, flags=re.S)
     text_of = lambda fragment: re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", fragment))).strip()

@@ -29,6 +29,7 @@ PAGE_FACTS = r"""(() => {
   if (box) {
     box.value = heading.replace(/\s+/g, " "); box.dispatchEvent(new Event("input"));
     search = [...document.querySelectorAll("#search-results a")].some(a => a.getAttribute("href").split("#")[0] === location.pathname.split("/").pop());
+    box.value = ""; box.dispatchEvent(new Event("input"));
   }
   return {
     search,
