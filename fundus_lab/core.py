@@ -1,4 +1,4 @@
-"""Seeding, device selection, the test switch, paths and small helpers every chapter uses.
+"""Seeding, device selection, the test switch, paths, small helpers and the command layer every chapter uses.
 
 Docs: https://fundus-lab.github.io/fundus-lab/core.html.md"""
 
