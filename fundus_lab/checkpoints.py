@@ -18,16 +18,14 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in 
     warnings.simplefilter("ignore", DeprecationWarning)
     from fastai.callback.core import Callback
     from fastai.callback.fp16 import MixedPrecision
-    from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
 
 from .core import torch_save_atomic
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'UNFREEZE_FRACTIONS', 'PRECISIONS', 'rng_state', 'restore_rng_state', 'CheckpointError',
            'save_training_checkpoint', 'load_training_checkpoint', 'TrainingDivergedError', 'StopOnNonFiniteLoss',
-           'cosine_warmup_schedule', 'cosine_scheduler', 'backbone_splitter', 'unfreeze_phase', 'GradualUnfreeze',
-           'add_lora', 'merged_copy', 'resolve_precision', 'DeviceMixedPrecision', 'reset_peak_memory',
-           'peak_memory_mb']
+           'backbone_splitter', 'unfreeze_phase', 'GradualUnfreeze', 'add_lora', 'merged_copy', 'resolve_precision',
+           'DeviceMixedPrecision', 'reset_peak_memory', 'peak_memory_mb']
 
 # %% ../nbs/09_checkpoints.ipynb #23f44da9
 def _seeded_parts(transform) -> list:
@@ -128,26 +126,6 @@ class StopOnNonFiniteLoss(Callback):
                 f"The training loss became {float(self.learn.loss.detach())} in epoch {self.epoch + 1}, batch {self.iter + 1}. "
                 "Try a lower learning rate (e.g. 10 times lower), gradient clipping (grad_clip=1.0), or "
                 "mixed_precision='no' if you train in float16; then check the images and labels of the dataset.")
-
-# %% ../nbs/09_checkpoints.ipynb #f7780edb
-def cosine_warmup_schedule(lr_max, # peak learning rate (or an array: one per parameter group)
-                           eta_min:float=0.0, # learning rate at the end
-                           warmup_pct:float=0.0, # fraction of the steps spent warming up linearly from eta_min
-                          ):
-    "The learning rate as a function of the fraction of training done (a fastai schedule)."
-    if not 0 <= warmup_pct < 1: raise ValueError(f"The warm-up must be a fraction of the stage in [0, 1), got {warmup_pct}.")
-    if not (0 <= eta_min and np.all(eta_min <= np.asarray(lr_max))): raise ValueError(f"eta_min={eta_min} must be between 0 and the learning rate {lr_max}.")
-    if warmup_pct == 0: return SchedCos(lr_max, eta_min)
-    return combine_scheds([warmup_pct, 1 - warmup_pct], [SchedLin(eta_min, lr_max), SchedCos(lr_max, eta_min)])
-
-def cosine_scheduler(lr_max, # peak learning rate (or an array: one per parameter group)
-                     n_epoch:int, # epochs of the stage
-                     eta_min:float=0.0, # learning rate at the end
-                     warmup_epochs:float=0.0, # epochs of linear warm-up at the start
-                    ) -> ParamScheduler:
-    "A fastai callback setting the learning rate by `cosine_warmup_schedule` every batch."
-    if warmup_epochs >= n_epoch: raise ValueError(f"warmup_epochs={warmup_epochs} must be less than the stage's {n_epoch} epochs.")
-    return ParamScheduler({"lr": cosine_warmup_schedule(lr_max, eta_min, warmup_epochs / n_epoch)})
 
 # %% ../nbs/09_checkpoints.ipynb #61b5688f
 UNFREEZE_FRACTIONS = (0.0, 0.25, 0.5, 1.0)

@@ -7,141 +7,29 @@ Docs: https://fundus-lab.github.io/fundus-lab/cli.html.md"""
 # %% ../nbs/21_cli.ipynb #9cfabcdf
 from __future__ import annotations
 import argparse, contextlib, importlib, json, re, sys, textwrap
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fastcore.imports import in_ipython
 
 from . import __version__
+from .core import (COMMANDS, FORMATS, USER_ERRORS, Command, CommandError, at_least_two, check_device,
+                                 command, dataset_arguments, fraction, json_object, non_negative_float, non_negative_int,
+                                 positive_float, positive_int, precision_mode, probability)
 
 # %% auto #0
-__all__ = ['SYNTH_TASKS', 'DR_PRIOR_NAMES', 'FORMATS', 'TASK_CHOICES', 'TRAIN_TASK_CHOICES', 'LOSS_CHOICES', 'SCHEDULE_CHOICES',
-           'UNFREEZE_CHOICES', 'PRECISION_CHOICES', 'DEFAULT_MODEL_NAME', 'TRAIN_DEFAULTS', 'RUN_DEFAULTS',
-           'TRACKER_CHOICES', 'COMMANDS', 'USER_ERRORS', 'LAZY_COMMANDS', 'Command', 'command', 'positive_int',
-           'non_negative_int', 'positive_float', 'fraction', 'non_negative_float', 'probability', 'json_object',
-           'precision_mode', 'at_least_two', 'CommandError', 'load_command', 'build_parser', 'main', 'cmd_synth',
-           'train_options', 'cmd_train']
+__all__ = ['SYNTH_TASKS', 'SYNTH_TRAIN_HINTS', 'DR_PRIOR_NAMES', 'TASK_CHOICES', 'RUN_DEFAULTS', 'TRACKER_CHOICES',
+           'LAZY_COMMANDS', 'load_command', 'build_parser', 'main', 'cmd_synth', 'train_options', 'cmd_train']
 
 # %% ../nbs/21_cli.ipynb #0030a67d
 SYNTH_TASKS = ("dr", "dme", "multitask", "multilabel")
+SYNTH_TRAIN_HINTS = {"dr": ("a DR grading model", ""), "dme": ("a DR grading model", ""),
+                     "multitask": ("a DR + DME model", "--task multitask ")}  # multilabel: no hint
 DR_PRIOR_NAMES = ("balanced", "aptos")
-FORMATS = ("aptos", "eyepacs", "idrid", "messidor2", "odir", "canonical")
 TASK_CHOICES = ("dr", "dme", "multitask", "multilabel", "disease")
-TRAIN_TASK_CHOICES = ("dr", "multitask", "multilabel", "disease")
-LOSS_CHOICES = ("ce", "weighted_ce", "focal", "cb_focal", "smooth_modulation", "sigmoid_focal", "adaptive_focal", "asymmetric", "bce")
-SCHEDULE_CHOICES = ("one_cycle", "cosine")
-UNFREEZE_CHOICES = ("none", "gradual")
-PRECISION_CHOICES = ("no", "auto", "fp16", "bf16")
-DEFAULT_MODEL_NAME = "tf_efficientnet_lite0"
-TRAIN_DEFAULTS = {
-    "task": "dr", "model_name": DEFAULT_MODEL_NAME, "num_classes": None, "pretrained": True, "image_size": 224,
-    "batch_size": 16, "num_workers": 0, "device": "auto", "epochs": 10, "lr": 1e-3, "val_split": 0.2, "random_seed": 42,
-    "dropout": 0.2, "loss": None, "focal_gamma": 2.0, "loss_params": None, "advanced_aug": False,
-    "medical_preprocess": False, "cache_dir": None, "two_stage": False, "epochs_stage1": 5, "epochs_stage2": 25,
-    "lr_stage1": 1e-3, "lr_stage2": 1e-4, "weight_decay": 0.01, "mixed_precision": "no", "patience": None,
-    "save_freq": 0, "resume": None, "schedule": "one_cycle", "eta_min": 0.0, "warmup_epochs": 0.0, "grad_clip": None,
-    "unfreeze": "none", "lora_r": None, "lora_alpha": 16.0, "lora_dropout": 0.0,
-}
 RUN_DEFAULTS = {"save_dir": Path("runs/latest"), "folds": None, "tracker": "csv", "tracking_uri": None, "experiment": None}
 TRACKER_CHOICES = ("csv", "mlflow", "wandb")
 
-# %% ../nbs/21_cli.ipynb #81f94acc
-@dataclass
-class Command:
-    "One `fundus-lab` sub-command: its help texts, its options and the function that runs it."
-    name: str # what the user types after `fundus-lab`
-    summary: str # one line for `fundus-lab --help`
-    description: str # paragraphs for `fundus-lab NAME --help`
-    add_arguments: Callable[[argparse.ArgumentParser], None] # adds the command's options to its parser
-    run: Callable[[argparse.Namespace], int] # runs the command, returns the exit status
-    example: str = "" # a typical invocation, shown at the end of the help
-
-COMMANDS: dict[str, Command] = {}
-
-def command(name:str, # the sub-command name
-            summary:str, # one line for the list of commands
-            description:str, # what the command does, for its own --help
-            add_arguments:Callable[[argparse.ArgumentParser], None], # adds its options to a parser
-            example:str="", # a typical invocation
-           ) -> Callable:
-    "Decorator registering `run(args) -> int` as the sub-command `fundus-lab NAME`."
-    def register(run):
-        COMMANDS[name] = Command(name, summary, description, add_arguments, run, example)
-        return run
-    return register
-
-# %% ../nbs/21_cli.ipynb #96a18147
-def positive_int(text:str, # the option value as typed
-                ) -> int:
-    "An integer >= 1 (for counts and sizes)."
-    value = int(text)
-    if value < 1: raise argparse.ArgumentTypeError(f"{text} is not a positive whole number (use 1 or more)")
-    return value
-
-def non_negative_int(text:str, # the option value as typed
-                    ) -> int:
-    "An integer >= 0 (e.g. the number of DataLoader workers)."
-    value = int(text)
-    if value < 0: raise argparse.ArgumentTypeError(f"{text} is negative (use 0 or more)")
-    return value
-
-def positive_float(text:str, # the option value as typed
-                  ) -> float:
-    "A finite number > 0 (e.g. a learning rate)."
-    value = float(text)
-    if not 0 < value < float("inf"): raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-def fraction(text:str, # the option value as typed
-            ) -> float:
-    "A number strictly between 0 and 1 (a share of the data)."
-    value = float(text)
-    if not 0 < value < 1: raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (e.g. 0.2 for 20%)")
-    return value
-
-def non_negative_float(text:str, # the option value as typed
-                      ) -> float:
-    "A finite number >= 0 (e.g. a focusing parameter)."
-    value = float(text)
-    if not 0 <= value < float("inf"): raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
-    return value
-
-def probability(text:str, # the option value as typed
-               ) -> float:
-    "A number from 0 up to (not including) 1 (e.g. a dropout rate)."
-    value = float(text)
-    if not 0 <= value < 1: raise argparse.ArgumentTypeError(f"{text} is not in [0, 1) (e.g. 0.2)")
-    return value
-
-def json_object(text:str, # the option value as typed, e.g. '{"alpha": 0.25}'
-               ) -> dict:
-    "A JSON object (for options that take a mapping of names to values)."
-    try: value = json.loads(text)
-    except json.JSONDecodeError as e: raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e.msg})") from None
-    if not isinstance(value, dict): raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"alpha\": 0.25}}'")
-    return value
-
-def precision_mode(text:str, # the option value as typed: no, auto, fp16, bf16 (or yes/true/on = auto, false/off = no)
-                  ) -> str:
-    "A mixed-precision mode of `train_model`."
-    value = {"true": "auto", "yes": "auto", "on": "auto", "false": "no", "off": "no"}.get(text.lower(), text.lower())
-    if value not in PRECISION_CHOICES: raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(PRECISION_CHOICES)}")
-    return value
-
-def at_least_two(text:str, # the option value as typed
-                ) -> int:
-    "An integer >= 2 (e.g. a number of folds)."
-    value = int(text)
-    if value < 2: raise argparse.ArgumentTypeError(f"{text} is less than 2 (cross-validation needs at least 2 folds)")
-    return value
-
 # %% ../nbs/21_cli.ipynb #3538c630
-class CommandError(Exception):
-    "A mistake in how a command was called; `main` prints the message and exits with status 2."
-
-USER_ERRORS = (CommandError, ValueError, OSError, NotImplementedError)
-
 def _paragraphs(text:str, width:int=78) -> str:
     "`text` with each blank-line separated paragraph re-wrapped to `width` columns."
     return "\n\n".join(textwrap.fill(" ".join(p.split()), width) for p in textwrap.dedent(text).strip().split("\n\n"))
@@ -165,9 +53,9 @@ def _command_name(argv:list[str]) -> str|None:
     "The first argument that is not an option: the command the user asked for."
     return next((a for a in argv if not a.startswith("-")), None)
 
-def build_parser(load:str|None=None, # a lazy command whose module is imported so that its options are known
+def build_parser(load:str|None=None, # the command asked for: its options are added (its module imported if lazy)
                 ) -> argparse.ArgumentParser:
-    "The `fundus-lab` argument parser: one sub-parser per command, lazy commands listed by their summary alone."
+    "The `fundus-lab` argument parser: one sub-parser per command, all but the one asked for listed by their summary alone."
     if load is not None: load_command(load)
     parser = argparse.ArgumentParser(
         prog="fundus-lab", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -179,8 +67,8 @@ def build_parser(load:str|None=None, # a lazy command whose module is imported s
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name in [*COMMANDS, *(n for n in LAZY_COMMANDS if n not in COMMANDS)]:
         c = COMMANDS.get(name)
-        if c is None:
-            commands.add_parser(name, help=LAZY_COMMANDS[name][1])
+        if c is None or name != load:  # only the command asked for needs its options (train's import PyTorch)
+            commands.add_parser(name, help=LAZY_COMMANDS[name][1] if c is None else c.summary)
             continue
         sub = commands.add_parser(c.name, help=c.summary, description=_paragraphs(c.description),
                                   epilog=f"example:\n  {c.example}" if c.example else None,
@@ -243,123 +131,38 @@ def cmd_synth(args:argparse.Namespace) -> int:
     df = read_dataset(labels_csv, img_dir=labels_csv.parent)
     print(f"Wrote {len(df)} synthetic photos ({args.task}, {args.size} pixels high) to {labels_csv.parent/'images'}\n"
           f"Labels: {labels_csv}")
-    if args.task == "multitask":
-        print(f"Train a DR + DME model on them: fundus-lab train --task multitask --labels-csv {labels_csv} "
-              f"--img-dir {labels_csv.parent}")
-    elif args.task != "multilabel":
-        print(f"Train a DR grading model on them: fundus-lab train --labels-csv {labels_csv} --img-dir {labels_csv.parent}")
+    if args.task in SYNTH_TRAIN_HINTS:
+        what, task_flag = SYNTH_TRAIN_HINTS[args.task]
+        print(f"Train {what} on them: fundus-lab train {task_flag}--labels-csv {labels_csv} --img-dir {labels_csv.parent}")
     return 0
 
 # %% ../nbs/21_cli.ipynb #c8f2b155
-def _dataset_arguments(parser:argparse.ArgumentParser, what:str):
-    parser.add_argument("--labels-csv", type=Path,
-                        help=f"labels table of the {what} images (CSV/TSV/XLSX; APTOS, EyePACS, IDRiD, Messidor-2, "
-                             "ODIR-5K or canonical columns); leave out when --img-dir holds one sub-folder per class")
-    parser.add_argument("--img-dir", type=Path,
-                        help="folder of the images (an images/ sub-folder is searched too); default: the labels table's folder")
-    parser.add_argument("--format", choices=FORMATS, help="format of the labels table (default: detected from its columns)")
-    parser.add_argument("--keep-ungradable", action="store_true", default=None,
-                        help="Messidor-2: keep the images judged ungradable (empty grades, which the check then lists) "
-                             "instead of dropping them")
-
-def _loader_arguments(parser:argparse.ArgumentParser, batch_size:int):
-    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per batch (default: %(default)s)")
-    parser.add_argument("--num-workers", type=non_negative_int, default=0,
-                        help="DataLoader worker processes; 0 loads images in the main process (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="'auto' (CUDA, then Apple MPS, then CPU), 'cuda', 'cuda:N', 'mps' or 'cpu' (default: %(default)s)")
+def _run_option(group, flag:str, help:str, **kwargs):
+    "A run option (not a `TrainConfig` field) whose value stays None unless typed, so a --config file can supply it."
+    default = RUN_DEFAULTS.get(flag.lstrip("-").replace("-", "_"))
+    shown = "none" if default is None else default
+    group.add_argument(flag, default=None, help=f"{help} (default: {shown})", **kwargs)
 
 def _train_arguments(parser:argparse.ArgumentParser):
-    def option(flag, help, **kwargs):
-        "An option of the current `group` whose value stays None unless typed (so a --config file can supply it)."
-        name = flag.lstrip("-").replace("-", "_")
-        default = TRAIN_DEFAULTS.get(name, RUN_DEFAULTS.get(name))
-        shown = "on" if default is True else "off" if default is False else "none" if default is None else default
-        group.add_argument(flag, default=None, help=f"{help} (default: {shown})", **kwargs)
-    def switch(flag, help): option(flag, help, action=argparse.BooleanOptionalAction)
-
+    "The options of `fundus-lab train`: the dataset, the run's folder and tracking, and every `TrainConfig` field."
+    from fundus_lab.train import config_arguments
     group = parser.add_argument_group("data and run")
-    _dataset_arguments(group, "training")
+    dataset_arguments(group, "training")
     group.add_argument("--config", metavar="FILE_OR_NAME",
                         help="YAML file of training options (flag names as keys, with dashes or underscores), or the name "
                              "of a packaged recipe such as aptos_cpu; options typed on the command line win")
-    option("--task", "what to learn: dr = the DR grade (5 classes); multitask = DR grade and DME risk (3 classes) with one "
-           "backbone and uncertainty-weighted losses, e.g. on IDRiD; multilabel = disease flags of ODIR-style data; "
-           "disease = one diagnosis per photo among the ODIR codes, e.g. class folders normal/, cataract/, glaucoma/",
-           choices=TRAIN_TASK_CHOICES)
-    option("--save-dir", "folder for best_model.pth, training_history.json, config.json, history.csv and "
-           "train_options.yaml; with --folds, one fold_K folder per fold and cv_summary.json", type=Path)
-    option("--val-split", "share of patients held out for validation; both eyes of a patient stay together", type=fraction)
-    option("--random-seed", "seed for the split, initialisation, shuffling and augmentation", type=int)
-    option("--folds", "patient-stratified K-fold cross-validation: train K models, fold_0 ... fold_{K-1}, and write the "
-           "mean and standard deviation of their best metrics to cv_summary.json (--val-split is then unused)",
-           type=at_least_two, metavar="K")
-    option("--cache-dir", "folder for a cache of cropped, resized images, built on the first run and reused while the "
-           "settings stay the same", type=Path)
-
-    group = parser.add_argument_group("model")
-    option("--model-name", "timm architecture; the default ships its ImageNet weights with fundus-lab")
-    option("--num-classes", "number of classes (from the task: 5 for dr, 7 for multilabel, the diagnoses present for disease; fixed for multitask)", type=positive_int)
-    switch("--pretrained", "start from ImageNet weights; --no-pretrained starts from random weights")
-    option("--dropout", "dropout before the classification layer", type=probability)
-    option("--image-size", "side of the square network input in pixels", type=positive_int)
-    option("--resume", "continue an interrupted run from its last_checkpoint.pth (or a checkpoint_epoch_N.pth); the "
-           "other options must match that run's", type=Path)
-    option("--lora-r", "rank of LoRA adapters on the qkv layers of a ViT backbone; none: full fine-tuning",
-           type=positive_int)
-    option("--lora-alpha", "LoRA scaling numerator alpha (the update is scaled by alpha / r)", type=positive_float)
-    option("--lora-dropout", "dropout on the input of the LoRA adapters", type=probability)
-
-    group = parser.add_argument_group("training schedule")
-    option("--epochs", "passes over the training images (single-stage training)", type=positive_int)
-    option("--lr", "peak learning rate (single-stage training)", type=positive_float)
-    switch("--two-stage", "stage 1 trains the head with the backbone frozen, stage 2 fine-tunes the whole network")
-    option("--epochs-stage1", "epochs of stage 1 (frozen backbone)", type=positive_int)
-    option("--epochs-stage2", "epochs of stage 2 (whole network)", type=positive_int)
-    option("--lr-stage1", "learning rate of stage 1", type=positive_float)
-    option("--lr-stage2", "learning rate of stage 2 (lower, for fine-tuning)", type=positive_float)
-    option("--weight-decay", "decoupled (AdamW) weight decay", type=non_negative_float)
-    option("--schedule", "learning-rate schedule of each stage: one_cycle (warm-up then cosine annealing, fastai) or "
-           "cosine (cosine annealing to --eta-min after --warmup-epochs of linear warm-up)", choices=SCHEDULE_CHOICES)
-    option("--warmup-epochs", "epochs of linear learning-rate warm-up of the cosine schedule", type=non_negative_float)
-    option("--eta-min", "lowest learning rate of the cosine schedule", type=non_negative_float)
-    option("--grad-clip", "clip the gradient norm to this value; none: no clipping", type=positive_float)
-    option("--unfreeze", "none = the whole network trains at once; gradual = the backbone is unfrozen from the top "
-           "in four phases", choices=UNFREEZE_CHOICES)
-    option("--patience", "stop after this many epochs without improvement of the validation metric; 0 or none: never",
-           type=non_negative_int)
-    option("--save-freq", "also save a resumable checkpoint every N epochs (checkpoint_epoch_N.pth); 0: only "
-           "last_checkpoint.pth", type=non_negative_int)
-    option("--mixed-precision", "automatic mixed precision; the flag alone means auto (float16 on CUDA, bfloat16 where "
-           "supported); or no, fp16, bf16", type=precision_mode, nargs="?", const="auto", metavar="MODE")
-
-    group = parser.add_argument_group("loss and augmentation")
-    option("--loss", "training loss (none: ce, adaptive_focal for multilabel): ce = cross-entropy, weighted_ce = inverse-frequency class weights, focal, cb_focal = "
-           "focal with class-balanced weights, smooth_modulation = class weights switched in over the epochs (for each task "
-           "with --task multitask); multilabel: sigmoid_focal, adaptive_focal, asymmetric, bce. Class weights come from the "
-           "training split", choices=LOSS_CHOICES)
-    option("--focal-gamma", "focusing parameter gamma of the focal losses; 0 gives cross-entropy", type=non_negative_float)
-    option("--loss-params", "more loss parameters as a JSON object, e.g. '{\"alpha\": 0.25}'", type=json_object)
-    switch("--advanced-aug", "train with the heavy augmentation pipeline instead of the light one")
-    switch("--medical-preprocess", "CLAHE on the lightness channel of every image, recorded in the model file")
-
-    group = parser.add_argument_group("loading and device")
-    option("--batch-size", "images per batch", type=positive_int)
-    option("--num-workers", "DataLoader worker processes; 0 loads images in the main process", type=non_negative_int)
-    option("--device", "'auto' (CUDA, then Apple MPS, then CPU), 'cuda', 'cuda:N', 'mps' or 'cpu'")
-
+    _run_option(group, "--save-dir", "folder for best_model.pth, training_history.json, config.json, history.csv and "
+                "train_options.yaml; with --folds, one fold_K folder per fold and cv_summary.json", type=Path)
+    _run_option(group, "--folds", "patient-stratified K-fold cross-validation: train K models, fold_0 ... fold_{K-1}, and "
+                "write the mean and standard deviation of their best metrics to cv_summary.json (--val-split is then unused)",
+                type=at_least_two, metavar="K")
+    config_arguments(parser, {"data and run": group})
     group = parser.add_argument_group("tracking")
-    option("--tracker", "where the run is recorded besides training_history.json: csv = SAVE_DIR/history.csv only; "
-           "mlflow = also an MLflow run (parameters, per-epoch metrics, result files); wandb = also Weights & Biases",
-           choices=TRACKER_CHOICES)
-    option("--tracking-uri", "MLflow tracking URI or local folder (none: SAVE_DIR/mlruns)")
-    option("--experiment", "MLflow experiment or W&B project name (none: fundus-lab)")
-
-def _check_device(name:str):
-    "Raise CommandError when the device `name` is not available here."
-    from fundus_lab.core import get_device
-    try: get_device(name)
-    except RuntimeError as e: raise CommandError(f"--device: {e}") from None
+    _run_option(group, "--tracker", "where the run is recorded besides training_history.json: csv = SAVE_DIR/history.csv "
+                "only; mlflow = also an MLflow run (parameters, per-epoch metrics, result files); wandb = also Weights & "
+                "Biases", choices=TRACKER_CHOICES)
+    _run_option(group, "--tracking-uri", "MLflow tracking URI or local folder (none: SAVE_DIR/mlruns)")
+    _run_option(group, "--experiment", "MLflow experiment or W&B project name (none: fundus-lab)")
 
 @contextlib.contextmanager
 def _console_bars(show:bool):
@@ -369,19 +172,6 @@ def _console_bars(show:bool):
     try: yield
     finally: fastprogress.NO_BAR = before
 
-def _read_checked(args:argparse.Namespace, task:str, purpose:str, min_side:int|None=None):
-    "The canonical table named by --labels-csv/--img-dir/--format, after `check_dataset` for `task`."
-    from fundus_lab.data import DatasetError, check_dataset, read_dataset
-    if args.labels_csv is None and args.img_dir is None:
-        raise CommandError("pass --labels-csv (the labels table) and/or --img-dir (the image folder; "
-                           "with one sub-folder per class when there is no labels table).")
-    df = read_dataset(args.labels_csv, img_dir=args.img_dir, format=args.format, label_col=task,
-                      drop_ungradable=not getattr(args, "keep_ungradable", None))
-    print(f"Checking {len(df)} images of {args.labels_csv or args.img_dir} ...", flush=True)
-    try: return check_dataset(df, task, min_side=min_side)
-    except DatasetError as e:
-        raise CommandError(f"{e}\nNothing was {purpose}: fix or replace these files (or remove their rows from the "
-                           "labels table) and run the command again.") from e
 
 # %% ../nbs/21_cli.ipynb #70e9a6db
 def _check_image_size(size, # the network input side asked for
@@ -460,22 +250,24 @@ def train_options(args:argparse.Namespace, # parsed `fundus-lab train` arguments
 def cmd_train(args:argparse.Namespace) -> int:
     "Check the dataset, train (or cross-validate) with `fundus_lab.experiments` and say where the results are."
     import importlib.util, timm
-    options = train_options(args)
+    from fundus_lab.train import TrainConfig
+    options, defaults = train_options(args), TrainConfig()
     run = {k: options.pop(k, default) for k, default in RUN_DEFAULTS.items()}
     data = argparse.Namespace(**{k: options.pop(k, None) for k in ("labels_csv", "img_dir", "format", "keep_ungradable")})
-    _check_device(options.get("device", TRAIN_DEFAULTS["device"]))
-    image_size = _check_image_size(options.get("image_size", TRAIN_DEFAULTS["image_size"]), "--image-size")
+    check_device(options.get("device", defaults.device))
+    image_size = _check_image_size(options.get("image_size", defaults.image_size), "--image-size")
     _check_loss_options(options)
-    model_name = options.get("model_name", DEFAULT_MODEL_NAME)
+    model_name = options.get("model_name", defaults.model_name)
     if not timm.is_model(model_name):
         raise CommandError(f"--model-name: unknown architecture {model_name!r}; use a timm model name "
-                           f"(python -c 'import timm; print(timm.list_models())' lists them), e.g. {DEFAULT_MODEL_NAME!r}.")
+                           f"(python -c 'import timm; print(timm.list_models())' lists them), e.g. {defaults.model_name!r}.")
     if run["tracker"] != "csv" and importlib.util.find_spec(run["tracker"]) is None:
         package = "mlflow-skinny" if run["tracker"] == "mlflow" else "wandb"
         raise CommandError(f"--tracker {run['tracker']}: the {run['tracker']} package is not installed; "
                            f"pip install {package}, or use --tracker csv.")
-    df = _read_checked(data, options.get("task", TRAIN_DEFAULTS["task"]), "trained", min_side=image_size)
     from fundus_lab.core import prepare_save_dir
+    from fundus_lab.data import read_checked
+    df = read_checked(data, options.get("task", defaults.task), "trained", min_side=image_size)
     from fundus_lab.experiments import save_training_config, train_experiment, train_folds
     save_dir, folds = Path(run.pop("save_dir")), run.pop("folds")
     with prepare_save_dir(save_dir, resume=options.get("resume") is not None):

@@ -1,4 +1,4 @@
-"""Seeding, device selection, the test switch, paths and small helpers every chapter uses.
+"""Seeding, device selection, the test switch, paths, small helpers and the command layer every chapter uses.
 
 Docs: https://fundus-lab.github.io/fundus-lab/core.html.md"""
 
@@ -6,17 +6,21 @@ Docs: https://fundus-lab.github.io/fundus-lab/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #c6401bac
 from __future__ import annotations
-import contextlib, errno, json, os, random, shutil, socket, tempfile, time
+import argparse, contextlib, errno, json, os, random, shutil, socket, tempfile, time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import torch
 
 # %% auto #0
 __all__ = ['IN_TEST', 'PACKAGE_DIR', 'REPO_DIR', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_IMAGE_SIZE',
-           'LOCK_NAME', 'RUN_FILE_PATTERNS', 'sized', 'set_seed', 'available_devices', 'get_device', 'data_samples_dir',
-           'user_data_dir', 'model_image_size', 'check_outputs', 'current_umask', 'disk_full_error', 'atomic_write',
-           'save_json', 'torch_save_atomic', 'FolderInUseError', 'run_lock', 'run_files', 'prepare_save_dir']
+           'LOCK_NAME', 'RUN_FILE_PATTERNS', 'COMMANDS', 'PRECISION_CHOICES', 'USER_ERRORS', 'FORMATS', 'sized',
+           'set_seed', 'available_devices', 'get_device', 'data_samples_dir', 'user_data_dir', 'model_image_size',
+           'check_outputs', 'current_umask', 'disk_full_error', 'atomic_write', 'save_json', 'torch_save_atomic',
+           'FolderInUseError', 'run_lock', 'run_files', 'prepare_save_dir', 'Command', 'command', 'positive_int',
+           'non_negative_int', 'positive_float', 'fraction', 'non_negative_float', 'probability', 'json_object',
+           'precision_mode', 'at_least_two', 'CommandError', 'dataset_arguments', 'loader_arguments', 'check_device']
 
 # %% ../nbs/00_core.ipynb #163166a1
 IN_TEST: bool = bool(os.environ.get("IN_TEST"))
@@ -32,6 +36,7 @@ def set_seed(seed:int=42, # the seed for python, numpy and torch
              deterministic:bool=False, # also make cuDNN deterministic (slower)
             ) -> int:
     "Seed python, numpy and torch (CPU and all GPUs); return the seed."
+    import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -44,6 +49,7 @@ def set_seed(seed:int=42, # the seed for python, numpy and torch
 # %% ../nbs/00_core.ipynb #1bf5a5e2
 def available_devices() -> list[str]:
     "Names of the devices torch can use here, best first."
+    import torch
     found = []
     if torch.cuda.is_available(): found.append("cuda")
     mps = getattr(torch.backends, "mps", None)
@@ -51,8 +57,9 @@ def available_devices() -> list[str]:
     return found + ["cpu"]
 
 def get_device(name:str|None="auto", # 'auto', 'cuda', 'cuda:1', 'mps' or 'cpu'
-              ) -> torch.device:
+              ) -> "torch.device":
     "The requested torch device, or the best available one for 'auto'/None."
+    import torch
     found = available_devices()
     if name in (None, "", "auto"): name = found[0]
     if name == "cuda" and "LOCAL_RANK" in os.environ: name = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
@@ -173,6 +180,7 @@ def torch_save_atomic(obj, # what `torch.save` should write
                       path, # the file to write
                      ) -> Path:
     "`torch.save` into a temporary file, then rename it onto `path`; a full disk is an OSError naming the path and the free space."
+    import torch
     try:
         with atomic_write(path, "wb") as f: torch.save(obj, f)
     except RuntimeError as e:  # torch's stream writer reports a failed write (e.g. a full disk) as a RuntimeError
@@ -279,3 +287,135 @@ def prepare_save_dir(save_dir, # the run's folder
     finally:
         for folder in missing:  # folders this run created and left empty
             with contextlib.suppress(OSError): folder.rmdir()
+
+# %% ../nbs/00_core.ipynb #38c298da
+@dataclass
+class Command:
+    "One `fundus-lab` sub-command: its help texts, its options and the function that runs it."
+    name: str # what the user types after `fundus-lab`
+    summary: str # one line for `fundus-lab --help`
+    description: str # paragraphs for `fundus-lab NAME --help`
+    add_arguments: Callable[[argparse.ArgumentParser], None] # adds the command's options to its parser
+    run: Callable[[argparse.Namespace], int] # runs the command, returns the exit status
+    example: str = "" # a typical invocation, shown at the end of the help
+
+COMMANDS: dict[str, Command] = {}
+
+def command(name:str, # the sub-command name
+            summary:str, # one line for the list of commands
+            description:str, # what the command does, for its own --help
+            add_arguments:Callable[[argparse.ArgumentParser], None], # adds its options to a parser
+            example:str="", # a typical invocation
+           ) -> Callable:
+    "Decorator registering `run(args) -> int` as the sub-command `fundus-lab NAME`."
+    def register(run):
+        COMMANDS[name] = Command(name, summary, description, add_arguments, run, example)
+        return run
+    return register
+
+# %% ../nbs/00_core.ipynb #47045b35
+PRECISION_CHOICES = ("no", "auto", "fp16", "bf16")
+
+def positive_int(text:str, # the option value as typed
+                ) -> int:
+    "An integer >= 1 (for counts and sizes)."
+    value = int(text)
+    if value < 1: raise argparse.ArgumentTypeError(f"{text} is not a positive whole number (use 1 or more)")
+    return value
+
+def non_negative_int(text:str, # the option value as typed
+                    ) -> int:
+    "An integer >= 0 (e.g. the number of DataLoader workers)."
+    value = int(text)
+    if value < 0: raise argparse.ArgumentTypeError(f"{text} is negative (use 0 or more)")
+    return value
+
+def positive_float(text:str, # the option value as typed
+                  ) -> float:
+    "A finite number > 0 (e.g. a learning rate)."
+    value = float(text)
+    if not 0 < value < float("inf"): raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+def fraction(text:str, # the option value as typed
+            ) -> float:
+    "A number strictly between 0 and 1 (a share of the data)."
+    value = float(text)
+    if not 0 < value < 1: raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (e.g. 0.2 for 20%)")
+    return value
+
+def non_negative_float(text:str, # the option value as typed
+                      ) -> float:
+    "A finite number >= 0 (e.g. a focusing parameter)."
+    value = float(text)
+    if not 0 <= value < float("inf"): raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+def probability(text:str, # the option value as typed
+               ) -> float:
+    "A number from 0 up to (not including) 1 (e.g. a dropout rate)."
+    value = float(text)
+    if not 0 <= value < 1: raise argparse.ArgumentTypeError(f"{text} is not in [0, 1) (e.g. 0.2)")
+    return value
+
+def json_object(text:str, # the option value as typed, e.g. '{"alpha": 0.25}'
+               ) -> dict:
+    "A JSON object (for options that take a mapping of names to values)."
+    try: value = json.loads(text)
+    except json.JSONDecodeError as e: raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict): raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"alpha\": 0.25}}'")
+    return value
+
+def precision_mode(text:str, # the option value as typed: no, auto, fp16, bf16 (or yes/true/on = auto, false/off = no)
+                  ) -> str:
+    "A mixed-precision mode of `train_model`."
+    value = {"true": "auto", "yes": "auto", "on": "auto", "false": "no", "off": "no"}.get(text.lower(), text.lower())
+    if value not in PRECISION_CHOICES: raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(PRECISION_CHOICES)}")
+    return value
+
+def at_least_two(text:str, # the option value as typed
+                ) -> int:
+    "An integer >= 2 (e.g. a number of folds)."
+    value = int(text)
+    if value < 2: raise argparse.ArgumentTypeError(f"{text} is less than 2 (cross-validation needs at least 2 folds)")
+    return value
+
+# %% ../nbs/00_core.ipynb #bb45f9e1
+class CommandError(Exception):
+    "A mistake in how a command was called; `main` prints the message and exits with status 2."
+
+USER_ERRORS = (CommandError, ValueError, OSError, NotImplementedError)
+
+# %% ../nbs/00_core.ipynb #8416fc9a
+FORMATS = ("aptos", "eyepacs", "idrid", "messidor2", "odir", "canonical")
+
+def dataset_arguments(parser:argparse.ArgumentParser, # a parser or argument group
+                      what:str, # which images, e.g. 'training' or 'held-out'
+                     ):
+    "Add --labels-csv, --img-dir, --format and --keep-ungradable: where a command reads a dataset."
+    parser.add_argument("--labels-csv", type=Path,
+                        help=f"labels table of the {what} images (CSV/TSV/XLSX; APTOS, EyePACS, IDRiD, Messidor-2, "
+                             "ODIR-5K or canonical columns); leave out when --img-dir holds one sub-folder per class")
+    parser.add_argument("--img-dir", type=Path,
+                        help="folder of the images (an images/ sub-folder is searched too); default: the labels table's folder")
+    parser.add_argument("--format", choices=FORMATS, help="format of the labels table (default: detected from its columns)")
+    parser.add_argument("--keep-ungradable", action="store_true", default=None,
+                        help="Messidor-2: keep the images judged ungradable (empty grades, which the check then lists) "
+                             "instead of dropping them")
+
+def loader_arguments(parser:argparse.ArgumentParser, # a parser or argument group
+                     batch_size:int, # the default --batch-size
+                    ):
+    "Add --batch-size, --num-workers and --device: how a command loads images."
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per batch (default: %(default)s)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0,
+                        help="DataLoader worker processes; 0 loads images in the main process (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (CUDA, then Apple MPS, then CPU), 'cuda', 'cuda:N', 'mps' or 'cpu' (default: %(default)s)")
+
+def check_device(name:str, # a device name as typed, e.g. 'cuda:1'
+                ):
+    "Raise CommandError when the device `name` is not available here."
+    try: get_device(name)
+    except RuntimeError as e: raise CommandError(f"--device: {e}") from None
+

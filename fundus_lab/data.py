@@ -18,17 +18,17 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from .core import IMAGE_EXTENSIONS
+from .core import IMAGE_EXTENSIONS, CommandError
 from .preprocess import content_problem
 
 # %% auto #0
 __all__ = ['DR_GRADES', 'DME_GRADES', 'ODIR_LABELS', 'UNIFIED_LABELS', 'ODIR_NAMES', 'LABEL_RANGES', 'CANONICAL_COLUMNS',
            'ODIR_KEYWORDS', 'ODIR_DR_LEFT_OUT', 'FOLDER_LABEL_COLUMNS', 'FORMAT_COLUMNS', 'READERS', 'TASKS',
-           'DatasetError', 'ImageReadError', 'to_canonical', 'image_folders', 'match_images', 'decode_photo',
-           'read_rgb', 'read_aptos', 'read_eyepacs', 'read_idrid', 'read_messidor2', 'odir_keyword_label',
-           'odir_keyword_flags', 'odir_patient_flags', 'odir_dr_grade', 'read_odir', 'read_folder', 'detect_format',
-           'read_dataset', 'task_label_columns', 'disease_classes', 'disease_labels', 'patient_split', 'patient_kfold',
-           'ValidationReport', 'validate_dataset', 'check_dataset']
+           'ONE_DIAGNOSIS_TASKS', 'DatasetError', 'ImageReadError', 'to_canonical', 'image_folders', 'match_images',
+           'decode_photo', 'read_rgb', 'read_aptos', 'read_eyepacs', 'read_idrid', 'read_messidor2',
+           'odir_keyword_label', 'odir_keyword_flags', 'odir_patient_flags', 'odir_dr_grade', 'read_odir',
+           'read_folder', 'detect_format', 'read_dataset', 'task_label_columns', 'disease_classes', 'disease_labels',
+           'patient_split', 'patient_kfold', 'ValidationReport', 'validate_dataset', 'check_dataset', 'read_checked']
 
 # %% ../nbs/01_data.ipynb #d6a4999c
 DR_GRADES = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
@@ -702,6 +702,7 @@ def read_dataset(labels_csv=None, # labels table (csv/xlsx path or DataFrame); N
 
 # %% ../nbs/01_data.ipynb #74e4f767
 TASKS = ("dr", "dme", "multitask", "multilabel", "disease")
+ONE_DIAGNOSIS_TASKS = ("disease",)  # labels derived from the ODIR flags: exactly one flag per row
 
 def task_label_columns(task:str, # one of TASKS
                       ) -> list[str]:
@@ -954,7 +955,7 @@ def validate_dataset(df:pd.DataFrame, # canonical table
     if len(df) == 0: report.add("columns", "The table has no rows. Check the labels file and img_dir.")
     if {"image_id", "patient_id", "eye", "path"} <= set(df.columns): _check_ids(df, report)
     _check_labels(df, report, [c for c in columns if c in df.columns])
-    if task == "disease" and set(ODIR_LABELS) <= set(df.columns): _check_one_diagnosis(df, report)
+    if task in ONE_DIAGNOSIS_TASKS and set(ODIR_LABELS) <= set(df.columns): _check_one_diagnosis(df, report)
     if "path" in df.columns: _check_files(df, report, check_images, max_workers, min_side)
     return report
 
@@ -967,3 +968,21 @@ def check_dataset(df:pd.DataFrame, # canonical table
     report = validate_dataset(df, task, check_images, min_side=min_side)
     if not report.ok: raise DatasetError(report.summary())
     return df
+
+# %% ../nbs/01_data.ipynb #753e20bf
+def read_checked(args:argparse.Namespace, # parsed arguments with labels_csv, img_dir and format
+                 task:str, # the task whose labels every row needs
+                 purpose:str, # what the command would have done, e.g. 'trained', for the message
+                 min_side:int|None=None, # also refuse photos with too little to grade for this network input side
+                ):
+    "The canonical table named by --labels-csv/--img-dir/--format, after `check_dataset` for `task`."
+    if args.labels_csv is None and args.img_dir is None:
+        raise CommandError("pass --labels-csv (the labels table) and/or --img-dir (the image folder; "
+                           "with one sub-folder per class when there is no labels table).")
+    df = read_dataset(args.labels_csv, img_dir=args.img_dir, format=args.format, label_col=task,
+                      drop_ungradable=not getattr(args, "keep_ungradable", None))
+    print(f"Checking {len(df)} images of {args.labels_csv or args.img_dir} ...", flush=True)
+    try: return check_dataset(df, task, min_side=min_side)
+    except DatasetError as e:
+        raise CommandError(f"{e}\nNothing was {purpose}: fix or replace these files (or remove their rows from the "
+                           "labels table) and run the command again.") from e

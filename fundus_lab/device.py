@@ -16,17 +16,14 @@ from torch import nn
 with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in torch 2.14 and pandas 3
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
-    from fastai.callback.progress import ProgressCallback
-    from fastai.distributed import DistributedDL, DistributedTrainer, num_distrib, rank_distrib
 
-from .cli import CommandError, command, positive_int
+from .core import CommandError, command, positive_int
 from .core import get_device
 
 # %% auto #0
 __all__ = ['BENCH_MODES', 'BENCHMARKS', 'DeviceProfile', 'cpu_cores', 'device_profile', 'apply_profile', 'restore_settings',
-           'world_size', 'is_main_process', 'distributed_context', 'is_out_of_memory', 'free_memory', 'find_batch_size',
-           'mixed_precision_dtype', 'time_training_steps', 'bench_training', 'bench_lora', 'photo_size',
-           'describe_device', 'cmd_bench']
+           'is_out_of_memory', 'free_memory', 'find_batch_size', 'mixed_precision_dtype', 'time_training_steps',
+           'bench_training', 'bench_lora', 'photo_size', 'describe_device', 'cmd_bench']
 
 # %% ../nbs/18_device.ipynb #1b648279
 @dataclass
@@ -78,49 +75,6 @@ def restore_settings(previous:dict, # what `apply_profile` returned
     torch.set_num_threads(previous["num_threads"])
     torch.backends.cudnn.benchmark = previous["cudnn_benchmark"]
     torch.set_float32_matmul_precision(previous["matmul_precision"])
-
-# %% ../nbs/18_device.ipynb #393a0b98
-def world_size() -> int:
-    "How many processes train together (1 unless started by a distributed launcher)."
-    if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_world_size()
-    return max(1, num_distrib())
-
-def is_main_process() -> bool:
-    "True in the process that should write files and print progress (rank 0, or the only process)."
-    if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_rank() == 0
-    return rank_distrib() == 0
-
-class _BackendDistributedDL(DistributedDL):
-    "fastai's `DistributedDL`, sharing the shuffled order on the process group's own device (CPU for gloo)."
-    def _broadcast(self, t, rank):
-        on_cuda = torch.distributed.get_backend() == "nccl"
-        t = torch.tensor(t, dtype=torch.long, device="cuda" if on_cuda else "cpu")
-        torch.distributed.broadcast(t, rank)
-        return t.cpu().tolist()
-
-class _DataParallelTrainer(DistributedTrainer):
-    "fastai's `DistributedTrainer` with the backend-aware batch splitter."
-    def _wrap_dl(self, dl):
-        if isinstance(dl, DistributedDL): return dl
-        return _BackendDistributedDL(dl, device=next(self.learn.model.parameters()).device)
-
-@contextlib.contextmanager
-def distributed_context(learn, # a fastai `Learner`
-                        sync_bn:bool|None=None, # synchronise batch-norm statistics across processes; None: on GPUs only
-                       ):
-    "Train `learn` data-parallel inside the block when a launcher started several processes; otherwise do nothing."
-    if world_size() <= 1:
-        yield learn
-        return
-    on_gpu = torch.cuda.is_available()
-    trainer = _DataParallelTrainer(sync_bn=on_gpu if sync_bn is None else sync_bn, cpu=not on_gpu)
-    learn.add_cb(trainer)
-    progress = [cb for cb in learn.cbs if isinstance(cb, ProgressCallback)] if not is_main_process() else []
-    for cb in progress: learn.remove_cb(cb)
-    try: yield learn
-    finally:
-        learn.remove_cb(trainer)
-        for cb in progress: learn.add_cb(cb)
 
 # %% ../nbs/18_device.ipynb #57a6e67c
 def is_out_of_memory(error:BaseException, # an exception raised by a forward or backward pass

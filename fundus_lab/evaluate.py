@@ -21,21 +21,21 @@ from torch.utils.data import DataLoader
 
 from .augment import TTA_VIEWS, tta_predict, tta_views, valid_transform
 from .calibration import expected_calibration_error, quadratic_kappa
-from .cli import _check_device, _dataset_arguments, _loader_arguments, _read_checked, command, fraction, non_negative_int
-from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, check_outputs, get_device, model_image_size, save_json
-from .data import disease_labels
+from .core import (IMAGENET_MEAN, IMAGENET_STD, atomic_write, check_device, check_outputs, command, dataset_arguments,
+                             fraction, get_device, loader_arguments, model_image_size, non_negative_int, save_json)
+from .data import read_checked
 from .metrics import classification_metrics
 from .multilabel import multilabel_metrics
-from .multitask import load_any_model, multitask_metrics, selection_score
-from .train import FundusDataset, preprocessing_options, train_model
+from .multitask import load_any_model
+from .train import REFERABLE_HEADS, FundusDataset, Task, get_task, preprocessing_options, train_model
 
 # %% auto #0
-__all__ = ['REFERABLE_FROM', 'IDX_DR_SPECIFICITY', 'MULTILABEL_SUMMARY', 'MULTILABEL_THRESHOLD', 'SUMMARY_NAMES',
-           'REPORT_PATTERNS', 'predict_logits', 'predict_probs', 'predict_task_probs', 'macro_aupr', 'task_metrics',
-           'operating_point', 'referable_metrics', 'bootstrap_ci', 'metric_intervals', 'plot_confusion_matrix',
-           'plot_roc_curves', 'plot_label_confusion', 'predictions_table', 'resolve_model_paths', 'load_models',
-           'ensemble_probs', 'generalisation_gap', 'evaluate_model', 'report_files', 'format_metrics',
-           'cross_dataset_evaluation', 'cmd_evaluate']
+__all__ = ['REFERABLE_FROM', 'IDX_DR_SPECIFICITY', 'MULTILABEL_SUMMARY', 'MULTILABEL_THRESHOLD', 'HEADLINE_NAMES',
+           'SUMMARY_NAMES', 'REPORT_PATTERNS', 'predict_logits', 'predict_probs', 'predict_task_probs', 'macro_aupr',
+           'task_metrics', 'operating_point', 'referable_metrics', 'bootstrap_ci', 'metric_intervals',
+           'plot_confusion_matrix', 'plot_roc_curves', 'plot_label_confusion', 'predictions_table',
+           'resolve_model_paths', 'load_models', 'ensemble_probs', 'generalisation_gap', 'evaluate_model',
+           'report_files', 'format_metrics', 'cross_dataset_evaluation', 'cmd_evaluate']
 
 # %% ../nbs/11_evaluate.ipynb #1003da5d
 def _outputs(fn, df:pd.DataFrame, image_size:int, batch_size:int, num_workers:int, torch_device:torch.device,
@@ -323,11 +323,11 @@ def predictions_table(df:pd.DataFrame, # the evaluated canonical table
             table[f"predicted_{column}"] = (probs["multilabel"][:, k] >= 0.5).astype(int)
             table[f"prob_{column}"] = probs["multilabel"][:, k].round(6)
         return table
-    for task, p in probs.items():
-        table[task] = df[task].reset_index(drop=True).astype("Int64")
-        table[f"predicted_{task}"] = p.argmax(1)
-        for k in range(p.shape[1]): table[f"prob_{task}_{k}"] = p[:, k].round(6)
-        if task == "dr" and p.shape[1] == 5: table["referable_score"] = p[:, REFERABLE_FROM:].sum(1).round(6)
+    for head, p in probs.items():
+        table[head] = df[head].reset_index(drop=True).astype("Int64")
+        table[f"predicted_{head}"] = p.argmax(1)
+        for k in range(p.shape[1]): table[f"prob_{head}_{k}"] = p[:, k].round(6)
+        if head in REFERABLE_HEADS and p.shape[1] == 5: table["referable_score"] = p[:, REFERABLE_FROM:].sum(1).round(6)
     return table
 
 # %% ../nbs/11_evaluate.ipynb #33c91194
@@ -386,8 +386,9 @@ def ensemble_probs(models:list, # `load_models` result
     for model, config, path in models:
         options = dict(batch_size=batch_size, num_workers=num_workers, device=device, tta=tta,
                        medical_preprocess=_model_input_options(config, path)["medical_preprocess"])
-        if config["task"] == "multitask": per_model.append(predict_task_probs(model, df, config["image_size"], **options))
-        elif config["task"] == "multilabel":
+        task = get_task(config["task"])
+        if not task.one_head: per_model.append(predict_task_probs(model, df, config["image_size"], **options))
+        elif task.binary:
             per_model.append({"multilabel": predict_probs(model, df, config["image_size"], activation="sigmoid", **options)})
         else: per_model.append({config["label_columns"][0]: predict_probs(model, df, config["image_size"], **options)})
     return {task: np.mean([p[task] for p in per_model], axis=0) for task in per_model[0]}
@@ -418,25 +419,25 @@ def _checked_labels(df:pd.DataFrame, column:str, num_classes:int, class_names, i
                          f"the model knows {num_classes} classes {class_names}.")
     return labels
 
-def _one_task(labels:np.ndarray, probs:np.ndarray, class_names:list[str], task:str, target_specificity:float,
+def _one_task(labels:np.ndarray, probs:np.ndarray, class_names:list[str], head:str, target_specificity:float,
               referable_threshold:float|None, bootstrap:int, seed:int, groups) -> dict:
-    "The metrics of one task, with referable DR for a 5-grade DR task and bootstrap intervals if asked."
+    "The metrics of one head, with referable DR for a 5-grade DR head and bootstrap intervals if asked."
     metrics = task_metrics(labels, probs, class_names)
-    is_dr = task == "dr" and probs.shape[1] == 5
+    is_dr = head in REFERABLE_HEADS and probs.shape[1] == 5
     if is_dr: metrics["referable"] = referable_metrics(labels, probs, target_specificity, referable_threshold)
     if bootstrap:
         fixed_threshold = metrics["referable"]["threshold"] if is_dr else None
         metrics["ci"] = metric_intervals(labels, probs, bootstrap, seed, groups, fixed_threshold)
     return metrics
 
-def _report_text(metrics:dict, labels:dict, probs:dict, class_names:dict) -> str:
-    "The printed metrics table followed by scikit-learn's classification report of each task."
+def _report_text(metrics:dict, labels:dict, probs:dict, class_names:dict, binary:bool=False) -> str:
+    "The printed metrics table followed by scikit-learn's classification report of each head."
     sections = [format_metrics(metrics)]
-    for task, p in probs.items():
-        predicted = (p >= MULTILABEL_THRESHOLD).astype(int) if task == "multilabel" else p.argmax(1)
-        report = classification_report(labels[task], predicted, labels=list(range(p.shape[1])), target_names=class_names[task],
+    for head, p in probs.items():
+        predicted = (p >= MULTILABEL_THRESHOLD).astype(int) if binary else p.argmax(1)
+        report = classification_report(labels[head], predicted, labels=list(range(p.shape[1])), target_names=class_names[head],
                                        digits=3, zero_division=0)
-        sections.append(f"scikit-learn classification report ({task}):\n{report}")
+        sections.append(f"scikit-learn classification report ({head}):\n{report}")
     return "\n\n".join(sections) + "\n"
 
 def _multilabel_metrics(flags:np.ndarray, probs:np.ndarray, label_names:list[str], bootstrap:int, seed:int, groups) -> dict:
@@ -447,6 +448,36 @@ def _multilabel_metrics(flags:np.ndarray, probs:np.ndarray, label_names:list[str
                                for k in MULTILABEL_SUMMARY}
         with np.errstate(divide="ignore", invalid="ignore"): metrics["ci"] = bootstrap_ci(summary, len(flags), bootstrap, seed, groups)
     return metrics
+
+def _evaluation_labels(task:Task, df:pd.DataFrame, config:dict) -> tuple[dict, dict]:
+    "({head: true labels}, {head: class names}) of a saved model's label columns, refusing labels it cannot score."
+    if task.binary:
+        columns = list(config["label_columns"])
+        flags = FundusDataset(df, columns, config["image_size"]).labels
+        bad = ~np.isin(flags, (0, 1)).all(1)
+        if bad.any(): raise ValueError(f"The label columns {columns} must hold 0/1 flags; images {df.image_id[bad][:10].tolist()} do not.")
+        return {"multilabel": flags}, {"multilabel": columns}
+    per_head = isinstance(config["num_classes"], dict)  # a model with one head per label column
+    num_classes = config["num_classes"] if per_head else {config["label_columns"][0]: config["num_classes"]}
+    class_names = config["class_names"] if per_head else {config["label_columns"][0]: config["class_names"]}
+    return {t: _checked_labels(df, t, k, class_names[t], config["image_size"]) for t, k in num_classes.items()}, class_names
+
+HEADLINE_NAMES = {"qwk": "QWK", "macro_f1": "macro F1"}
+
+def _report_figures(task:Task, per_head:dict, labels:dict, probs:dict, class_names:dict, output_dir:Path):
+    "The confusion matrix and ROC curves of each head."
+    for name, m in per_head.items():
+        suffix = f"_{name}" if len(per_head) > 1 else ""
+        if task.binary:
+            confusion = plot_label_confusion(labels[name], probs[name], class_names[name], MULTILABEL_THRESHOLD)
+            title = f"{task.name}: macro F1 {m['macro_f1']:.3f}, n={m['n']}"
+        else:
+            title = (f"{name.upper()}: {HEADLINE_NAMES[task.headline]} {m[task.headline]:.3f}"
+                     f", accuracy {m['accuracy']:.3f}, n={m['n']}")
+            confusion = plot_confusion_matrix(m["confusion_matrix"], class_names[name], title)
+        _save_png(confusion, output_dir/f"confusion_matrix{suffix}.png")
+        _save_png(plot_roc_curves(labels[name], probs[name], class_names[name], m.get("referable"), f"{title.split(':')[0]}: ROC curves"),
+                  output_dir/f"roc_curves{suffix}.png")
 
 def evaluate_model(model_path, # best_model.pth written by training, a folder of folds, or a list: an ensemble
                    df:pd.DataFrame, # canonical table of the held-out images with labels
@@ -464,49 +495,25 @@ def evaluate_model(model_path, # best_model.pth written by training, a folder of
     models = load_models(model_path, device=device)
     config, configs = models[0][1], [c for _, c, _ in models]
     if len(df) == 0: raise ValueError("The table to evaluate is empty.")
-    task = config["task"]
-    if task not in ("dr", "dme", "multitask", "multilabel", "disease"):
-        raise NotImplementedError(f"{models[0][2]} is a {task!r} model; evaluation covers the tasks dr, dme, multitask, multilabel and disease.")
-    if task == "disease": df = df.assign(disease=disease_labels(df, config["codes"]))  # class index among the model's codes
+    task = get_task(config["task"])
+    df = task.evaluation_table(df, config)
     groups = df["patient_id"].astype(str).to_numpy() if df["patient_id"].notna().all() else None
-    if task == "multilabel":
-        columns = list(config["label_columns"])
-        labels = {"multilabel": FundusDataset(df, columns, config["image_size"]).labels}
-        bad = ~np.isin(labels["multilabel"], (0, 1)).all(1)
-        if bad.any(): raise ValueError(f"The label columns {columns} must hold 0/1 flags; images {df.image_id[bad][:10].tolist()} do not.")
-        class_names = {"multilabel": columns}
-    else:
-        num_classes = config["num_classes"] if task == "multitask" else {config["label_columns"][0]: config["num_classes"]}
-        class_names = config["class_names"] if task == "multitask" else {config["label_columns"][0]: config["class_names"]}
-        labels = {t: _checked_labels(df, t, k, class_names[t], config["image_size"]) for t, k in num_classes.items()}
+    labels, class_names = _evaluation_labels(task, df, config)
     probs = ensemble_probs(models, df, batch_size, num_workers, device, tta)
-    if task == "multilabel": per_task = {"multilabel": _multilabel_metrics(labels["multilabel"], probs["multilabel"], columns, bootstrap, seed, groups)}
-    else: per_task = {t: _one_task(labels[t], probs[t], class_names[t], t, target_specificity, referable_threshold,
+    if task.binary: per_head = {"multilabel": _multilabel_metrics(labels["multilabel"], probs["multilabel"], class_names["multilabel"],
+                                                                bootstrap, seed, groups)}
+    else: per_head = {t: _one_task(labels[t], probs[t], class_names[t], t, target_specificity, referable_threshold,
                                    bootstrap, seed, groups) for t in probs}
-    if task == "multitask":
-        joint = multitask_metrics(labels, probs, class_names)
-        metrics = {"tasks": per_task, "joint_accuracy": joint["joint_accuracy"], "score": selection_score(per_task), "n": joint["n"]}
-    else: metrics = next(iter(per_task.values()))
+    metrics = task.combine_metrics(per_head, labels, probs, class_names)
     gap = generalisation_gap(metrics, configs)
     if gap is not None: metrics["generalisation_gap"] = gap
-    metrics.update(model_path=str(models[0][2]) if len(models) == 1 else [str(p) for _, _, p in models], task=task,
+    metrics.update(model_path=str(models[0][2]) if len(models) == 1 else [str(p) for _, _, p in models], task=task.name,
                    label_columns=list(config["label_columns"]), tta=tta,
                    bootstrap={"n_boot": bootstrap, "seed": seed, "resampled": "patients" if groups is not None else "images"} if bootstrap else None)
     output_dir = Path(output_dir)
     save_json(_json_ready(metrics), output_dir/"metrics.json")
-    for name, m in per_task.items():
-        suffix = f"_{name}" if task == "multitask" else ""
-        if task == "multilabel":
-            confusion = plot_label_confusion(labels[name], probs[name], class_names[name], MULTILABEL_THRESHOLD)
-            title = f"{task}: macro F1 {m['macro_f1']:.3f}, n={m['n']}"
-        else:
-            title = (f"{name.upper()}: macro F1 {m['macro_f1']:.3f}" if task == "disease" else f"{name.upper()}: QWK {m['qwk']:.3f}") \
-                    + f", accuracy {m['accuracy']:.3f}, n={m['n']}"
-            confusion = plot_confusion_matrix(m["confusion_matrix"], class_names[name], title)
-        _save_png(confusion, output_dir/f"confusion_matrix{suffix}.png")
-        _save_png(plot_roc_curves(labels[name], probs[name], class_names[name], m.get("referable"), f"{title.split(':')[0]}: ROC curves"),
-                  output_dir/f"roc_curves{suffix}.png")
-    with atomic_write(output_dir/"classification_report.txt", "w") as f: f.write(_report_text(metrics, labels, probs, class_names))
+    _report_figures(task, per_head, labels, probs, class_names, output_dir)
+    with atomic_write(output_dir/"classification_report.txt", "w") as f: f.write(_report_text(metrics, labels, probs, class_names, task.binary))
     with atomic_write(output_dir/"predictions.csv", "w") as f:
         predictions_table(df, probs, class_names.get("multilabel")).to_csv(f, index=False)
     return metrics
@@ -582,7 +589,7 @@ def cross_dataset_evaluation(train_df:pd.DataFrame, # canonical table of the tra
 REPORT_PATTERNS = ("metrics.json", "classification_report.txt", "predictions.csv", "confusion_matrix*.png", "roc_curves*.png")
 
 def _evaluate_arguments(parser:argparse.ArgumentParser):
-    _dataset_arguments(parser, "held-out")
+    dataset_arguments(parser, "held-out")
     parser.add_argument("--model-path", type=Path, nargs="+", required=True,
                         help="best_model.pth written by `fundus-lab train`; several files, or a folder of fold_K/best_model.pth, "
                              "are evaluated as an ensemble (probabilities averaged)")
@@ -602,7 +609,7 @@ def _evaluate_arguments(parser:argparse.ArgumentParser):
     parser.add_argument("--referable-threshold", type=fraction,
                         help="referable DR: a threshold fixed beforehand on validation data, applied unchanged "
                              "(overrides --target-specificity)")
-    _loader_arguments(parser, batch_size=32)
+    loader_arguments(parser, batch_size=32)
 
 @command("evaluate", "score a trained model on held-out images",
          """Evaluate a model written by `fundus-lab train` (or an ensemble of several, e.g. the folds of a
@@ -626,14 +633,14 @@ def _evaluate_arguments(parser:argparse.ArgumentParser):
          "fundus-lab evaluate --labels-csv test/labels.csv --img-dir test/images --model-path runs/aptos/best_model.pth --bootstrap 1000")
 def cmd_evaluate(args:argparse.Namespace) -> int:
     "Check the held-out dataset, run `evaluate_model` and print the metrics table."
-    _check_device(args.device)
+    check_device(args.device)
     paths = resolve_model_paths(args.model_path)
     _, config = load_any_model(paths[0])
     image_size = model_image_size(config, paths[0])
     output_dir = args.output_dir or (args.model_path[0] if args.model_path[0].is_dir() else args.model_path[0].parent)/"evaluation"
     image_folder = args.img_dir or (args.labels_csv.parent if args.labels_csv is not None else None)
     check_outputs(output_dir, [image_folder, args.labels_csv, *paths], "--output-dir", writes=REPORT_PATTERNS)
-    df = _read_checked(args, config["task"], "evaluated", min_side=image_size)
+    df = read_checked(args, config["task"], "evaluated", min_side=image_size)
     check_outputs(output_dir, sorted({str(Path(p).parent) for p in df.path}), "--output-dir")
     print(f"Evaluating {len(paths)} model{'s' if len(paths) > 1 else ''} on {len(df)} images"
           + (f" with {args.tta} test-time augmentation" if args.tta else "") + " ...", flush=True)

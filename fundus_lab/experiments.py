@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/experiments.html.md"""
 
 # %% ../nbs/10_experiments.ipynb #27a19a46
 from __future__ import annotations
-import importlib.util, inspect, json, math, os, re, time
+import difflib, importlib.util, json, math, os, re, time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -16,7 +16,7 @@ import yaml
 
 from .core import PACKAGE_DIR, atomic_write, save_json
 from .data import patient_kfold
-from .train import plot_history, train_model
+from .train import config_fields, plot_history, train_model
 from fastai.callback.core import Callback  # after fundus_lab.train, which imports fastai with its deprecation warnings muted
 from fastai.callback.progress import CSVLogger
 
@@ -31,14 +31,10 @@ CONFIG_DIR = PACKAGE_DIR/"configs"
 RUN_OPTIONS = {"labels_csv": "str", "img_dir": "str", "format": "str", "keep_ungradable": "bool", "save_dir": "str", "folds": "int|None",
                "tracker": "str", "tracking_uri": "str|None", "experiment": "str|None"}
 PATH_OPTIONS = ("labels_csv", "img_dir", "save_dir", "cache_dir", "resume")
-_NOT_CONFIGURABLE = ("df", "save_dir", "callbacks", "valid_df")
 
 def training_options() -> dict[str, str]:
-    "Every key a training configuration may hold, with its type annotation: `train_model`'s keyword arguments and the run options."
-    parameters = inspect.signature(train_model).parameters.values()
-    options = {p.name: "" if p.annotation is inspect.Parameter.empty else str(p.annotation) for p in parameters
-               if p.name not in _NOT_CONFIGURABLE and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {**options, **RUN_OPTIONS}
+    "Every key a training configuration may hold, with its type annotation: the fields of `TrainConfig` and the run options."
+    return {**{name: str(spec.type) for name, spec in config_fields().items()}, **RUN_OPTIONS}
 
 # %% ../nbs/10_experiments.ipynb #6b0bc7c8
 class ConfigTypeError(TypeError, ValueError):
@@ -62,14 +58,16 @@ def _checked_value(key:str, value, annotation:str, source:str):
 def normalise_config(config:dict, # option name (dashes or underscores) -> value
                      source:str="configuration", # where the options come from, for the error messages
                     ) -> dict:
-    "The options of `config` under `train_model`'s names, checked: a ValueError for an unknown key, a `ConfigTypeError` for a wrong type."
+    "The options of `config` under `TrainConfig`'s names, checked: a ValueError for an unknown key, a `ConfigTypeError` for a wrong type."
     if not isinstance(config, dict):
         raise ValueError(f"{source}: a training configuration is a mapping of option names to values, not a {type(config).__name__}.")
     valid, result = training_options(), {}
     for raw_key, value in config.items():
         key = str(raw_key).lstrip("-").replace("-", "_")
         if key not in valid:
-            raise ValueError(f"{source}: unknown option {raw_key!r}. Valid options: {', '.join(sorted(valid))}.")
+            close = difflib.get_close_matches(key, valid, n=1)
+            raise ValueError(f"{source}: unknown option {raw_key!r}." + (f" Did you mean {close[0]!r}?" if close else "")
+                             + f" Valid options: {', '.join(sorted(valid))}.")
         if key in result: raise ValueError(f"{source}: option {key!r} is given twice (as dashes and as underscores).")
         value = _checked_value(key, value, valid[key], source)
         result[key] = Path(value).expanduser() if key in PATH_OPTIONS and isinstance(value, str) else value
@@ -101,7 +99,7 @@ def config_path(path_or_name) -> Path:
 
 def load_training_config(path_or_name, # a YAML file, or the name of a packaged recipe such as 'aptos_cpu'
                         ) -> dict:
-    "The checked training options of a YAML file, under `train_model`'s argument names."
+    "The checked training options of a YAML file, under the names of `TrainConfig`'s fields."
     path = config_path(path_or_name)
     try: config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e: raise ValueError(f"{path} is not valid YAML: {e}") from None

@@ -20,15 +20,15 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from .cli import CommandError, command, positive_float, positive_int
-from .core import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, atomic_write, check_outputs, model_image_size
+from .core import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, CommandError, atomic_write, check_outputs, command,
+                             model_image_size, positive_float, positive_int)
 from .data import read_rgb
 from .preprocess import clahe_lightness, content_problem, prepare_fundus
 with warnings.catch_warnings():  # importing fastai 2.8 uses torch.jit.script, deprecated in torch 2.14
     warnings.simplefilter("ignore", FutureWarning)
     from fundus_lab.augment import tta_views
     from fundus_lab.multitask import load_any_model
-    from fundus_lab.train import preprocessing_options
+    from fundus_lab.train import get_task, preprocessing_options
 
 # %% auto #0
 __all__ = ['ONNX_INPUT', 'ONNX_OUTPUT', 'DEFAULT_OPSET', 'DEFAULT_TOLERANCE', 'METADATA_KEYS', 'CONFIG_METADATA',
@@ -190,9 +190,9 @@ def prepare_input(image, # an image file, or an H x W x 3 uint8 RGB photo
 def output_groups(config:dict, # the model config
                  ) -> list[tuple[str, list[str], str]]:
     "(prefix, class names, activation) for each group of logits: one group, or one per task of a multi-task model."
-    if config["task"] == "multitask":
-        return [(f"{task}_", list(config["class_names"][task]), "softmax") for task in config["num_classes"]]
-    return [("", list(config["class_names"]), "sigmoid" if config["task"] == "multilabel" else "softmax")]
+    task = get_task(config["task"])
+    if not task.one_head: return [(f"{head}_", list(config["class_names"][head]), "softmax") for head in config["num_classes"]]
+    return [("", list(config["class_names"]), "sigmoid" if task.binary else "softmax")]
 
 def logits_to_probs(logits:np.ndarray, # N x outputs logits
                     config:dict, # the model config

@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/hpo.html.md"""
 
 # %% ../nbs/19_hpo.ipynb #0585ab60
 from __future__ import annotations
-import argparse, contextlib, gc, inspect, io, math, warnings
+import argparse, contextlib, gc, io, math, warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -15,11 +15,12 @@ import optuna
 import pandas as pd
 import yaml
 
-from .cli import (TRAIN_TASK_CHOICES, CommandError, _check_device, _dataset_arguments,
-                            _read_checked, command, fraction, non_negative_int, positive_float, positive_int)
+from .data import read_checked
+from .core import (CommandError, check_device, dataset_arguments,
+                            command, fraction, non_negative_int, positive_float, positive_int)
 from .core import PACKAGE_DIR
 from .experiments import save_training_config
-from .train import MONITOR, save_figure, train_model
+from .train import MONITOR, TRAIN_TASKS, config_fields, save_figure, train_model
 from fastai.callback.core import Callback, CancelFitException  # after fundus_lab.train, which mutes fastai's import warnings
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import defaults as fastai_defaults
@@ -37,11 +38,11 @@ ENTRY_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 PARAMETER_ALIASES = {"loss_fn": "loss", "gamma": "focal_gamma", "alpha": "loss_params.alpha",
                      "focal_alpha": "loss_params.alpha", "tau": "loss_params.tau", "beta": "loss_params.beta",
                      "modulation_type": "loss_params.schedule"}
-_NOT_SEARCHABLE = ("df", "save_dir", "callbacks", "valid_df", "resume", "loss_params")
+_NOT_SEARCHABLE = ("resume", "loss_params")
 
 def searchable_options() -> list[str]:
-    "The `train_model` keyword arguments a search space may vary."
-    return [p for p in inspect.signature(train_model).parameters if p not in _NOT_SEARCHABLE]
+    "The `TrainConfig` fields (keyword arguments of `train_model`) a search space may vary."
+    return [p for p in config_fields() if p not in _NOT_SEARCHABLE]
 
 def training_target(name:str, # a parameter name of a search space
                    ) -> str:
@@ -403,8 +404,8 @@ def _tune_arguments(parser:argparse.ArgumentParser):
                         help="YAML search space, or the name of a packaged one: search_dr, search_lora")
     parser.add_argument("--n-trials", type=positive_int, default=20, help="trials to add to the study (default: %(default)s)")
     parser.add_argument("--experiment", required=True, help="study name; the same name resumes or shares the study")
-    _dataset_arguments(parser, "training")
-    parser.add_argument("--task", choices=TRAIN_TASK_CHOICES, default="dr", help="what to train (default: %(default)s)")
+    dataset_arguments(parser, "training")
+    parser.add_argument("--task", choices=TRAIN_TASKS, default="dr", help="what to train (default: %(default)s)")
     parser.add_argument("--storage", help="Optuna database URL shared by all workers, e.g. postgresql://user@host/db "
                                           "(default: sqlite:///SAVE_DIR/study.db)")
     parser.add_argument("--save-dir", type=Path, default=Path("runs/hpo"),
@@ -454,8 +455,8 @@ def cmd_tune(args:argparse.Namespace) -> int:
     searched = {training_target(n) for n in space}
     clash = sorted(f"--{k.replace('_', '-')}" for k in fixed if k in searched)
     if clash: raise CommandError(f"{', '.join(clash)} fixed on the command line but also searched in {args.hp_config}; drop one.")
-    if args.device is not None: _check_device(args.device)
-    df = _read_checked(args, args.task, "trained")
+    if args.device is not None: check_device(args.device)
+    df = read_checked(args, args.task, "trained")
     study = create_study(args.experiment, args.storage, args.save_dir, args.pruner, args.random_seed)
     study.set_user_attr("dataset", _plain({"labels_csv": args.labels_csv, "img_dir": args.img_dir, "format": args.format}))
     task = fixed.pop("task")

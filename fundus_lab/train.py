@@ -6,7 +6,8 @@ Docs: https://fundus-lab.github.io/fundus-lab/train.html.md"""
 
 # %% ../nbs/08_train.ipynb #7d6c61ab
 from __future__ import annotations
-import json, math, time, warnings
+import argparse, contextlib, dataclasses, difflib, json, math, time, warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -22,33 +23,40 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in 
     warnings.simplefilter("ignore", DeprecationWarning)
     from fastai.callback import schedule as _one_cycle_schedule  # adds Learner.fit_one_cycle
     from fastai.callback.core import Callback, CancelFitException
+    from fastai.callback.progress import ProgressCallback
+    from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
     from fastai.callback.training import GradientClip
     from fastai.data.core import DataLoaders
+    from fastai.distributed import DistributedDL, DistributedTrainer, num_distrib, rank_distrib
     from fastai.learner import Learner
     from fastai.optimizer import Adam
 
 from .augment import AUGMENT_STRENGTHS, get_transforms, train_transform, valid_transform
 from .cache import build_cache
 from .checkpoints import (DeviceMixedPrecision, GradualUnfreeze, StopOnNonFiniteLoss, add_lora, backbone_splitter,
-                                    cosine_scheduler, load_training_checkpoint, merged_copy, peak_memory_mb, reset_peak_memory,
+                                    load_training_checkpoint, merged_copy, peak_memory_mb, reset_peak_memory,
                                     resolve_precision, restore_rng_state, rng_state, save_training_checkpoint)
-from .core import IMAGENET_MEAN, IMAGENET_STD, atomic_write, get_device, save_json, set_seed
-from .device import distributed_context, is_main_process
-from .data import (DME_GRADES, DR_GRADES, ODIR_NAMES, TASKS, UNIFIED_LABELS, disease_classes, disease_labels,
+from .core import (IMAGENET_MEAN, IMAGENET_STD, atomic_write, fraction, get_device, json_object, non_negative_float,
+                             non_negative_int, positive_float, positive_int, precision_mode, probability, save_json, set_seed)
+from .data import (DME_GRADES, DR_GRADES, ODIR_NAMES, UNIFIED_LABELS, disease_classes, disease_labels,
                              patient_split, read_rgb)
 from .losses import (MULTICLASS_LOSSES, MULTILABEL_LOSSES, class_balanced_weights, inverse_frequency_weights,
                                make_loss)
 from .metrics import fastai_metrics
 from .models import DEFAULT_MODEL, DRClassifier
+from .multilabel import fastai_multilabel_metrics
 from .multitask import (LOG_VAR_LR_MULT, MultiTaskClassifier, TaskLossTracker, multitask_learner,
-                                  save_any_model)
+                                  multitask_metrics, save_any_model, selection_score)
 from .preprocess import clahe_lightness, prepare_fundus
 
 # %% auto #0
-__all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'TRAIN_TASKS', 'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES',
-           'SCHEDULES', 'UNFREEZE_MODES', 'MONITOR', 'RESUME_MAY_DIFFER', 'FundusDataset', 'make_dataloaders',
-           'preprocessing_options', 'TrainingRunCallback', 'plot_history', 'save_figure', 'LossScheduleCallback',
-           'input_size_kwargs', 'train_model']
+__all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES',
+           'REFERABLE_HEADS', 'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR', 'SCHEDULES', 'UNFREEZE_MODES', 'CONFIG_GROUPS',
+           'RESUME_MAY_DIFFER', 'FundusDataset', 'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback',
+           'plot_history', 'save_figure', 'cosine_warmup_schedule', 'cosine_scheduler', 'world_size', 'is_main_process',
+           'distributed_context', 'Task', 'DRTask', 'DMETask', 'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask',
+           'register_task', 'get_task', 'trainable_tasks', 'option', 'TrainConfig', 'config_fields', 'config_key',
+           'check_option', 'config_arguments', 'LossScheduleCallback', 'input_size_kwargs', 'train_model']
 
 # %% ../nbs/08_train.ipynb #2c2cd1a5
 class FundusDataset(Dataset):
@@ -318,13 +326,421 @@ def save_figure(fig:plt.Figure, # the figure to write
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/08_train.ipynb #3f0af511
-TRAIN_TASKS = ("dr", "multitask", "multilabel", "disease")
+# %% ../nbs/08_train.ipynb #f7780edb
+def cosine_warmup_schedule(lr_max, # peak learning rate (or an array: one per parameter group)
+                           eta_min:float=0.0, # learning rate at the end
+                           warmup_pct:float=0.0, # fraction of the steps spent warming up linearly from eta_min
+                          ):
+    "The learning rate as a function of the fraction of training done (a fastai schedule)."
+    if not 0 <= warmup_pct < 1: raise ValueError(f"The warm-up must be a fraction of the stage in [0, 1), got {warmup_pct}.")
+    if not (0 <= eta_min and np.all(eta_min <= np.asarray(lr_max))): raise ValueError(f"eta_min={eta_min} must be between 0 and the learning rate {lr_max}.")
+    if warmup_pct == 0: return SchedCos(lr_max, eta_min)
+    return combine_scheds([warmup_pct, 1 - warmup_pct], [SchedLin(eta_min, lr_max), SchedCos(lr_max, eta_min)])
+
+def cosine_scheduler(lr_max, # peak learning rate (or an array: one per parameter group)
+                     n_epoch:int, # epochs of the stage
+                     eta_min:float=0.0, # learning rate at the end
+                     warmup_epochs:float=0.0, # epochs of linear warm-up at the start
+                    ) -> ParamScheduler:
+    "A fastai callback setting the learning rate by `cosine_warmup_schedule` every batch."
+    if warmup_epochs >= n_epoch: raise ValueError(f"warmup_epochs={warmup_epochs} must be less than the stage's {n_epoch} epochs.")
+    return ParamScheduler({"lr": cosine_warmup_schedule(lr_max, eta_min, warmup_epochs / n_epoch)})
+
+# %% ../nbs/08_train.ipynb #393a0b98
+def world_size() -> int:
+    "How many processes train together (1 unless started by a distributed launcher)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_world_size()
+    return max(1, num_distrib())
+
+def is_main_process() -> bool:
+    "True in the process that should write files and print progress (rank 0, or the only process)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_rank() == 0
+    return rank_distrib() == 0
+
+class _BackendDistributedDL(DistributedDL):
+    "fastai's `DistributedDL`, sharing the shuffled order on the process group's own device (CPU for gloo)."
+    def _broadcast(self, t, rank):
+        on_cuda = torch.distributed.get_backend() == "nccl"
+        t = torch.tensor(t, dtype=torch.long, device="cuda" if on_cuda else "cpu")
+        torch.distributed.broadcast(t, rank)
+        return t.cpu().tolist()
+
+class _DataParallelTrainer(DistributedTrainer):
+    "fastai's `DistributedTrainer` with the backend-aware batch splitter."
+    def _wrap_dl(self, dl):
+        if isinstance(dl, DistributedDL): return dl
+        return _BackendDistributedDL(dl, device=next(self.learn.model.parameters()).device)
+
+@contextlib.contextmanager
+def distributed_context(learn, # a fastai `Learner`
+                        sync_bn:bool|None=None, # synchronise batch-norm statistics across processes; None: on GPUs only
+                       ):
+    "Train `learn` data-parallel inside the block when a launcher started several processes; otherwise do nothing."
+    if world_size() <= 1:
+        yield learn
+        return
+    on_gpu = torch.cuda.is_available()
+    trainer = _DataParallelTrainer(sync_bn=on_gpu if sync_bn is None else sync_bn, cpu=not on_gpu)
+    learn.add_cb(trainer)
+    progress = [cb for cb in learn.cbs if isinstance(cb, ProgressCallback)] if not is_main_process() else []
+    for cb in progress: learn.remove_cb(cb)
+    try: yield learn
+    finally:
+        learn.remove_cb(trainer)
+        for cb in progress: learn.add_cb(cb)
+
+# %% ../nbs/08_train.ipynb #e9448f04
 TASK_CLASS_NAMES = {"dr": list(DR_GRADES), "dme": list(DME_GRADES), "multilabel": [ODIR_NAMES[c] for c in UNIFIED_LABELS]}
 MULTILABEL_TRAIN_LOSSES = MULTILABEL_LOSSES + ("bce",)
+REFERABLE_HEADS = ("dr",)  # label columns holding the five DR grades: evaluation adds referable-DR metrics
+
+def _task_loss(loss:str, counts:list[int]|None, focal_gamma:float, loss_params:dict) -> nn.Module:
+    "A single-label loss module built from the training split's class counts."
+    return make_loss(loss, class_counts=counts, gamma=focal_gamma, **loss_params)
+
+class Task:
+    "What a model learns: label columns and classes, head, loss, metrics, the epoch kept and what evaluation reports."
+    name:str = "" # the value of `task` / --task
+    trainable:bool = True # `train_model` trains it (False: evaluation of models saved by other code only)
+    binary:bool = False # 0/1 flags per label column, learned with sigmoid outputs
+    losses:tuple = MULTICLASS_LOSSES # the losses it trains with
+    default_loss:str = "ce" # the loss when none is asked for
+    monitor:str = "qwk" # the validation metric whose best epoch is kept
+    selection:str = "validation qwk" # that choice in words, for config.json
+    headline:str = "qwk" # the metric named in the evaluation figures' titles
+    one_head:bool = True # one backbone, one head: gradual unfreezing and LoRA apply
+
+    def prepare(self, df:pd.DataFrame, valid_df:pd.DataFrame|None) -> tuple:
+        "The training and validation tables with the task's label columns, and facts learned from them (e.g. its classes)."
+        return df, valid_df, {}
+
+    def classes(self, num_classes:int|None, facts:dict) -> dict[str, int]:
+        "Label column -> number of classes; a clear error for a `num_classes` that does not fit."
+        raise NotImplementedError(f"The task {self.name!r} does not define its label columns.")
+
+    def class_names(self, classes:dict, facts:dict) -> dict[str, list[str]]:
+        "Label column -> the names of its classes."
+        return {column: TASK_CLASS_NAMES[column] for column in classes}
+
+    def label_col(self, classes:dict):
+        "The `FundusDataset` label column(s): one name, or a list for several columns."
+        return list(classes) if len(classes) > 1 or self.binary else next(iter(classes))
+
+    def make_losses(self, loss:str, class_counts:dict, focal_gamma:float, loss_params:dict) -> dict[str, nn.Module]:
+        "One loss module per label column, from the training split's class counts."
+        return {column: _task_loss(loss, counts, focal_gamma, loss_params) for column, counts in class_counts.items()}
+
+    def model_config(self, model_name:str, classes:dict, facts:dict, timm_kwargs:dict) -> dict:
+        "The description saved with the model: what it predicts and how to rebuild it."
+        column = next(iter(classes))
+        return {"model_name": model_name, "num_classes": classes[column], "class_names": self.class_names(classes, facts)[column],
+                "task": self.name, "label_columns": list(classes), "timm_kwargs": timm_kwargs}
+
+    def make_model(self, model_name:str, classes:dict, pretrained:bool, dropout:float, image_size:int, facts:dict) -> tuple:
+        "(the network, its model config): a `DRClassifier` with one output per class."
+        timm_kwargs = input_size_kwargs(model_name, image_size)
+        config = self.model_config(model_name, classes, facts, timm_kwargs)
+        return DRClassifier(model_name, num_classes=config["num_classes"], pretrained=pretrained, dropout=dropout, **timm_kwargs), config
+
+    def metrics(self, classes:dict) -> list:
+        "The fastai metrics computed on the validation set after every epoch."
+        return fastai_metrics(next(iter(classes.values())))
+
+    def make_learner(self, dls, model, losses:dict, classes:dict, lr, weight_decay:float, path, cbs:list, saver, splitter=None) -> Learner:
+        "The fastai `Learner` that trains `model` with the task's loss and metrics."
+        return Learner(dls, model, loss_func=next(iter(losses.values())), opt_func=Adam, lr=lr, wd=weight_decay,
+                       metrics=self.metrics(classes), path=path, cbs=cbs, **({"splitter": splitter} if splitter else {}))
+
+    def stage_lr(self, lr:float):
+        "The learning rate(s) of the Learner's parameter groups for a stage's peak rate."
+        return lr
+
+    def best_summary(self, best:dict) -> str:
+        "The best epoch's validation scores in words."
+        return f"validation {self.monitor} {best[self.monitor]:.4f}"
+
+    def describe_data(self, class_counts:dict, loss:str, loss_params:dict, names:dict):
+        "Print the training split's class distribution and, for weighted losses, the class weights."
+        print("Class distribution (training split):")
+        for column, counts in class_counts.items():
+            for k, count in enumerate(counts): print(f"   {column} {k} {names[column][k]}: {count} ({100 * count / sum(counts):.1f}%)")
+            if loss in ("weighted_ce", "cb_focal"):
+                weights = (inverse_frequency_weights(counts) if loss == "weighted_ce"
+                           else class_balanced_weights(counts, loss_params.get("beta", 0.999)))
+                print(f"Class weights ({loss}, {column}): " + ", ".join(f"{w:.4f}" for w in np.asarray(weights, dtype=float)))
+
+    def evaluation_table(self, df:pd.DataFrame, config:dict) -> pd.DataFrame:
+        "The table to evaluate a saved model of this task on, with the label columns it predicts."
+        return df
+
+    def combine_metrics(self, per_head:dict, labels:dict, probs:dict, class_names:dict) -> dict:
+        "The evaluation metrics of the model from those of each head."
+        return next(iter(per_head.values()))
+
+    def __repr__(self): return f"{type(self).__name__}({self.name!r})"
+
+# %% ../nbs/08_train.ipynb #9599dd30
+class DRTask(Task):
+    "The DR grade (column `dr`, 5 classes); the epoch with the best validation QWK is kept."
+    name = "dr"
+    def classes(self, num_classes, facts):
+        if num_classes not in (None, len(DR_GRADES)):
+            raise ValueError(f"DR grading has {len(DR_GRADES)} grades (0-4); got num_classes={num_classes}.")
+        return {"dr": len(DR_GRADES)}
+    def best_summary(self, best): return f"validation qwk {best['qwk']:.4f}, accuracy {best['accuracy']:.4f}"
+
+class DMETask(Task):
+    "The DME risk (column `dme`, 3 classes) of a model saved by other code; `train_model` trains it only with DR (multitask)."
+    name, trainable = "dme", False
+    def classes(self, num_classes, facts): return {"dme": len(DME_GRADES)}
+
+class DiseaseTask(Task):
+    "One diagnosis per photo among the ODIR codes present in the training data; the best validation macro-F1 is kept."
+    name, monitor, selection, headline = "disease", "macro_f1", "validation macro_f1", "macro_f1"
+    def prepare(self, df, valid_df):
+        codes = disease_classes(df if valid_df is None else pd.concat([df, valid_df]))
+        with_label = lambda frame: None if frame is None else frame.assign(disease=disease_labels(frame, codes))
+        return with_label(df), with_label(valid_df), {"codes": codes}
+    def classes(self, num_classes, facts):
+        codes = facts["codes"]
+        if num_classes is not None and num_classes != len(codes):
+            raise ValueError(f"The training data has {len(codes)} diagnoses {codes}; got num_classes={num_classes}.")
+        return {"disease": len(codes)}
+    def class_names(self, classes, facts): return {"disease": [ODIR_NAMES[c] for c in facts["codes"]]}
+    def model_config(self, model_name, classes, facts, timm_kwargs):
+        return {**super().model_config(model_name, classes, facts, timm_kwargs), "codes": facts["codes"]}
+    def evaluation_table(self, df, config): return df.assign(disease=disease_labels(df, config["codes"]))  # index among the model's codes
+
+class MultiTaskTask(Task):
+    "DR grade and DME risk with one backbone and two heads; the best mean of DR QWK and DME accuracy is kept."
+    name, monitor, one_head = "multitask", "score", False
+    selection = "validation score = mean of dr_qwk and dme_accuracy"
+    def classes(self, num_classes, facts):
+        if num_classes is not None:
+            raise ValueError(f"The multi-task model has 5 DR grades and 3 DME grades; leave num_classes out (got {num_classes}).")
+        return {"dr": len(DR_GRADES), "dme": len(DME_GRADES)}
+    def make_model(self, model_name, classes, pretrained, dropout, image_size, facts):
+        model = MultiTaskClassifier(model_name, classes, pretrained=pretrained, dropout=dropout)
+        return model, {"model_name": model_name, "num_classes": dict(classes), "class_names": self.class_names(classes, facts),
+                       "task": self.name, "label_columns": list(classes), "timm_kwargs": {},
+                       "uncertainty": {"kinds": model.uncertainty.kinds, "non_negative": model.uncertainty.non_negative}}
+    def make_learner(self, dls, model, losses, classes, lr, weight_decay, path, cbs, saver, splitter=None):
+        tracker = TaskLossTracker()
+        saver.extra_values = tracker.values
+        return multitask_learner(dls, model, losses, lr=lr, weight_decay=weight_decay, path=path, cbs=[tracker, *cbs])
+    def stage_lr(self, lr): return [lr, lr, lr * LOG_VAR_LR_MULT]
+    def best_summary(self, best):
+        return (f"validation score {best['score']:.4f} (DR qwk {best['dr_qwk']:.4f}, DME accuracy {best['dme_accuracy']:.4f}, "
+                f"joint accuracy {best['joint_accuracy']:.4f})")
+    def combine_metrics(self, per_head, labels, probs, class_names):
+        joint = multitask_metrics(labels, probs, class_names)
+        return {"tasks": per_head, "joint_accuracy": joint["joint_accuracy"], "score": selection_score(per_head), "n": joint["n"]}
+
+class MultiLabelTask(Task):
+    "The ODIR disease flags `UNIFIED_LABELS` as seven sigmoid outputs; the best validation macro-F1 is kept."
+    name, binary, monitor, selection, headline = "multilabel", True, "macro_f1", "validation macro_f1", "macro_f1"
+    losses, default_loss = MULTILABEL_TRAIN_LOSSES, "adaptive_focal"
+    def classes(self, num_classes, facts):
+        if num_classes not in (None, len(UNIFIED_LABELS)):
+            raise ValueError(f"The multi-label task has {len(UNIFIED_LABELS)} labels {UNIFIED_LABELS}; got num_classes={num_classes}.")
+        return {c: 2 for c in UNIFIED_LABELS}
+    def class_names(self, classes, facts): return {c: TASK_CLASS_NAMES["multilabel"] for c in classes}
+    def model_config(self, model_name, classes, facts, timm_kwargs):
+        return {**super().model_config(model_name, classes, facts, timm_kwargs), "num_classes": len(classes)}
+    def make_losses(self, loss, class_counts, focal_gamma, loss_params):
+        if loss == "bce": return {"multilabel": nn.BCEWithLogitsLoss(**loss_params)}
+        if loss == "sigmoid_focal": return {"multilabel": make_loss(loss, class_counts=None, gamma=focal_gamma, **loss_params)}
+        return {"multilabel": make_loss(loss, **loss_params)}
+    def metrics(self, classes): return fastai_multilabel_metrics()
+    def describe_data(self, class_counts, loss, loss_params, names):
+        print("Class distribution (training split):")
+        n = sum(class_counts[UNIFIED_LABELS[0]])
+        for c in UNIFIED_LABELS: print(f"   {c} {ODIR_NAMES[c]}: {class_counts[c][1]} positive ({100 * class_counts[c][1] / n:.1f}%)")
+
+TASK_REGISTRY: dict[str, Task] = {}
+
+def register_task(task:Task, # an instance of a `Task` subclass with a new `name`
+                 ) -> Task:
+    "Make `task` trainable and evaluable under its name (`train_model(task=NAME)`, `fundus-lab train --task NAME`)."
+    if not task.name: raise ValueError(f"{type(task).__name__} has no name.")
+    TASK_REGISTRY[task.name] = task
+    return task
+
+for _task in (DRTask(), MultiTaskTask(), MultiLabelTask(), DiseaseTask(), DMETask()): register_task(_task)
+
+def get_task(name:str, # a registered task name, e.g. 'dr'
+             training:bool=False, # refuse a task that `train_model` cannot train
+            ) -> Task:
+    "The registered task `name`; a clear error for an unknown one."
+    if name not in TASK_REGISTRY: raise ValueError(f"Unknown task {name!r}: use one of {tuple(TASK_REGISTRY)}.")
+    task = TASK_REGISTRY[name]
+    if training and not task.trainable:
+        raise NotImplementedError(f"task {name!r} is not supported yet; use --task {', '.join(trainable_tasks())}")
+    return task
+
+def trainable_tasks() -> tuple[str, ...]:
+    "Names of the tasks `train_model` trains."
+    return tuple(name for name, task in TASK_REGISTRY.items() if task.trainable)
+
+TRAIN_TASKS = trainable_tasks()
+MONITOR = {name: TASK_REGISTRY[name].monitor for name in TRAIN_TASKS}
+
+# %% ../nbs/08_train.ipynb #300a97cd
 SCHEDULES = ("one_cycle", "cosine")
 UNFREEZE_MODES = ("none", "gradual")
-MONITOR = {"dr": "qwk", "multitask": "score", "multilabel": "macro_f1", "disease": "macro_f1"}
+CONFIG_GROUPS = ("data and run", "model", "training schedule", "loss and augmentation", "loading and device")
+
+def option(default, # the value when the option is not given
+           help:str, # what it does, for --help
+           group:str, # the --help group of its flag (one of CONFIG_GROUPS)
+           type=None, # converter of the typed text (e.g. `positive_int`); None: as typed
+           choices=None, # the allowed values, or a function returning them
+           **flag, # more `argparse.add_argument` keywords of its flag (e.g. nargs, const, metavar)
+          ):
+    "A field of `TrainConfig`: its default, help text, group and how a typed value is converted and checked."
+    return field(default=default, metadata={"help": help, "group": group, "type": type, "choices": choices, "flag": flag})
+
+@dataclass
+class TrainConfig:
+    "Every option of a training run, in one place: `train_model`, the flags of `fundus-lab train`, YAML recipes and config.json."
+    task: str = option("dr", "what to learn: dr = the DR grade (5 classes); multitask = DR grade and DME risk (3 classes) "
+                       "with one backbone and uncertainty-weighted losses, e.g. on IDRiD; multilabel = disease flags of "
+                       "ODIR-style data; disease = one diagnosis per photo among the ODIR codes, e.g. class folders normal/, "
+                       "cataract/, glaucoma/", "data and run", choices=trainable_tasks)
+    val_split: float = option(0.2, "share of patients held out for validation; both eyes of a patient stay together",
+                              "data and run", fraction)
+    random_seed: int = option(42, "seed for the split, initialisation, shuffling and augmentation", "data and run", int)
+    cache_dir: str|None = option(None, "folder for a cache of cropped, resized images, built on the first run and reused "
+                                 "while the settings stay the same", "data and run", Path)
+    model_name: str = option(DEFAULT_MODEL, "timm architecture; the default ships its ImageNet weights with fundus-lab", "model")
+    num_classes: int|None = option(None, "number of classes (from the task: 5 for dr, 7 for multilabel, the diagnoses present "
+                                   "for disease; fixed for multitask)", "model", positive_int)
+    pretrained: bool = option(True, "start from ImageNet weights; --no-pretrained starts from random weights", "model")
+    dropout: float = option(0.2, "dropout before the classification layer", "model", probability)
+    image_size: int = option(224, "side of the square network input in pixels", "model", positive_int)
+    resume: str|None = option(None, "continue an interrupted run from its last_checkpoint.pth (or a checkpoint_epoch_N.pth); "
+                              "the other options must match that run's", "model", Path)
+    lora_r: int|None = option(None, "rank of LoRA adapters on the qkv layers of a ViT backbone; none: full fine-tuning",
+                              "model", positive_int)
+    lora_alpha: float = option(16.0, "LoRA scaling numerator alpha (the update is scaled by alpha / r)", "model", positive_float)
+    lora_dropout: float = option(0.0, "dropout on the input of the LoRA adapters", "model", probability)
+    epochs: int = option(10, "passes over the training images (single-stage training)", "training schedule", positive_int)
+    lr: float = option(1e-3, "peak learning rate (single-stage training)", "training schedule", positive_float)
+    two_stage: bool = option(False, "stage 1 trains the head with the backbone frozen, stage 2 fine-tunes the whole network",
+                             "training schedule")
+    epochs_stage1: int = option(5, "epochs of stage 1 (frozen backbone)", "training schedule", positive_int)
+    epochs_stage2: int = option(25, "epochs of stage 2 (whole network)", "training schedule", positive_int)
+    lr_stage1: float = option(1e-3, "learning rate of stage 1", "training schedule", positive_float)
+    lr_stage2: float = option(1e-4, "learning rate of stage 2 (lower, for fine-tuning)", "training schedule", positive_float)
+    weight_decay: float = option(WEIGHT_DECAY, "decoupled (AdamW) weight decay", "training schedule", non_negative_float)
+    schedule: str = option("one_cycle", "learning-rate schedule of each stage: one_cycle (warm-up then cosine annealing, "
+                           "fastai) or cosine (cosine annealing to --eta-min after --warmup-epochs of linear warm-up)",
+                           "training schedule", choices=SCHEDULES)
+    warmup_epochs: float = option(0.0, "epochs of linear learning-rate warm-up of the cosine schedule", "training schedule",
+                                  non_negative_float)
+    eta_min: float = option(0.0, "lowest learning rate of the cosine schedule", "training schedule", non_negative_float)
+    grad_clip: float|None = option(None, "clip the gradient norm to this value; none: no clipping", "training schedule",
+                                   positive_float)
+    unfreeze: str = option("none", "none = the whole network trains at once; gradual = the backbone is unfrozen from the "
+                           "top in four phases", "training schedule", choices=UNFREEZE_MODES)
+    patience: int|None = option(None, "stop after this many epochs without improvement of the validation metric; 0 or "
+                                "none: never", "training schedule", non_negative_int)
+    save_freq: int = option(0, "also save a resumable checkpoint every N epochs (checkpoint_epoch_N.pth); 0: only "
+                            "last_checkpoint.pth", "training schedule", non_negative_int)
+    mixed_precision: str|bool = option("no", "automatic mixed precision; the flag alone means auto (float16 on CUDA, "
+                                       "bfloat16 where supported); or no, fp16, bf16", "training schedule", precision_mode,
+                                       nargs="?", const="auto", metavar="MODE")
+    loss: str|None = option(None, "training loss (none: ce, adaptive_focal for multilabel): ce = cross-entropy, weighted_ce = "
+                            "inverse-frequency class weights, focal, cb_focal = focal with class-balanced weights, "
+                            "smooth_modulation = class weights switched in over the epochs (for each task with --task "
+                            "multitask); multilabel: sigmoid_focal, adaptive_focal, asymmetric, bce. Class weights come "
+                            "from the training split", "loss and augmentation",
+                            choices=MULTICLASS_LOSSES + MULTILABEL_TRAIN_LOSSES)
+    focal_gamma: float = option(2.0, "focusing parameter gamma of the focal losses; 0 gives cross-entropy",
+                                "loss and augmentation", non_negative_float)
+    loss_params: dict|None = option(None, "more loss parameters as a JSON object, e.g. '{\"alpha\": 0.25}'",
+                                    "loss and augmentation", json_object)
+    advanced_aug: bool = option(False, "train with the heavy augmentation pipeline instead of the light one",
+                                "loss and augmentation")
+    medical_preprocess: bool = option(False, "CLAHE on the lightness channel of every image, recorded in the model file",
+                                      "loss and augmentation")
+    batch_size: int = option(16, "images per batch", "loading and device", positive_int)
+    num_workers: int = option(0, "DataLoader worker processes; 0 loads images in the main process", "loading and device",
+                              non_negative_int)
+    device: str = option("auto", "'auto' (CUDA, then Apple MPS, then CPU), 'cuda', 'cuda:N', 'mps' or 'cpu'",
+                         "loading and device")
+
+    @classmethod
+    def from_dict(cls, options:dict, # option name (dashes or underscores) -> value, e.g. a YAML recipe
+                  source:str="configuration", # where the options come from, for the error messages
+                  base:TrainConfig|None=None, # the values of options left out; None: the defaults
+                 ) -> TrainConfig:
+        "A checked `TrainConfig`: unknown names refused with the closest valid one, values converted and checked like flags."
+        values = {} if base is None else dataclasses.asdict(base)
+        for raw_key, value in options.items():
+            key = config_key(raw_key, source)
+            values[key] = check_option(key, value, source)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        "The options as plain values (paths as text), as config.json records them."
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    "The fields of `TrainConfig` by name."
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+def config_key(raw_key, # an option name as written: 'batch-size', '--batch_size', 'batch_size'
+               source:str="configuration", # where it comes from, for the error message
+              ) -> str:
+    "The `TrainConfig` field an option name means; a ValueError naming the closest field for a misspelt one."
+    key = str(raw_key).lstrip("-").replace("-", "_")
+    if key in config_fields(): return key
+    close = difflib.get_close_matches(key, config_fields(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{source}: unknown option {raw_key!r}.{hint} Valid options: {', '.join(config_fields())}.")
+
+def _choices(spec) -> tuple|None:
+    "The allowed values of a field: its tuple, or what its function returns."
+    choices = spec.metadata["choices"]
+    return tuple(choices()) if callable(choices) else choices
+
+def check_option(key:str, # a `TrainConfig` field
+                 value, # its value from YAML, a dict or the command line
+                 source:str="configuration", # where it comes from, for the error message
+                ):
+    "`value` converted and checked like the flag --KEY typed with it; a ValueError naming the source and option."
+    spec, flag = config_fields()[key], "--" + key.replace("_", "-")
+    if value is None: return None
+    if isinstance(spec.default, bool):
+        if not isinstance(value, bool): raise ValueError(f"{source}: {flag}: {value!r} is not true or false.")
+        return value
+    convert, choices = spec.metadata["type"], _choices(spec)
+    if convert is not None and not isinstance(value, dict) and not (convert is Path and isinstance(value, Path)):
+        try: value = convert(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e: raise ValueError(f"{source}: {flag}: {e}") from None
+    if choices is not None and value not in choices:
+        raise ValueError(f"{source}: {flag}: invalid choice {value!r} (choose from {', '.join(map(str, choices))})")
+    return value
+
+def config_arguments(parser:argparse.ArgumentParser, # the parser of `fundus-lab train`
+                     groups:dict|None=None, # --help group name -> argument group to use (others are created)
+                    ) -> dict:
+    "Add a flag for every `TrainConfig` field, in its --help group; every flag stays None unless typed. Returns the groups."
+    groups = dict(groups or {})
+    for spec in dataclasses.fields(TrainConfig):
+        name = spec.metadata["group"]
+        if groups.get(name) is None: groups[name] = parser.add_argument_group(name)
+        group = groups[name]
+        default = spec.default
+        shown = "on" if default is True else "off" if default is False else "none" if default is None else default
+        kwargs = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {
+            k: v for k, v in (("type", spec.metadata["type"]), ("choices", _choices(spec))) if v is not None}
+        group.add_argument("--" + spec.name.replace("_", "-"), default=None, help=f"{spec.metadata['help']} (default: {shown})",
+                           **kwargs, **spec.metadata["flag"])
+    return groups
+
+# %% ../nbs/08_train.ipynb #aceed5dd
 RESUME_MAY_DIFFER = ("resume", "num_workers", "device", "cache_dir", "save_dir", "save_freq", "callbacks")
 
 class LossScheduleCallback(Callback):
@@ -334,73 +750,43 @@ class LossScheduleCallback(Callback):
         for module in self.learn.loss_func.modules():
             if hasattr(module, "set_epoch"): module.set_epoch(self.epoch, self.n_epoch)
 
-def _check_task(task:str, num_classes:int|None, codes:list[str]=()) -> dict[str, int]:
-    "The label columns of a supported task with their numbers of classes."
-    if task not in TASKS: raise ValueError(f"Unknown task {task!r}: use one of {TASKS}.")
-    if task not in TRAIN_TASKS:
-        raise NotImplementedError(f"task {task!r} is not supported yet; use --task dr, multitask, multilabel or disease")
-    if task == "multitask":
-        if num_classes is not None:
-            raise ValueError(f"The multi-task model has 5 DR grades and 3 DME grades; leave num_classes out (got {num_classes}).")
-        return {"dr": len(DR_GRADES), "dme": len(DME_GRADES)}
-    if task == "multilabel":
-        if num_classes not in (None, len(UNIFIED_LABELS)):
-            raise ValueError(f"The multi-label task has {len(UNIFIED_LABELS)} labels {UNIFIED_LABELS}; got num_classes={num_classes}.")
-        return {c: 2 for c in UNIFIED_LABELS}
-    if task == "disease":
-        if num_classes is not None and num_classes != len(codes):
-            raise ValueError(f"The training data has {len(codes)} diagnoses {codes}; got num_classes={num_classes}.")
-        return {"disease": len(codes)}
-    if num_classes not in (None, len(DR_GRADES)):
-        raise ValueError(f"DR grading has {len(DR_GRADES)} grades (0-4); got num_classes={num_classes}.")
-    return {"dr": len(DR_GRADES)}
+def _with_options(config, options:dict) -> TrainConfig:
+    "The run's `TrainConfig`: `config` (an object, a dict of options or None) with the keyword options put in."
+    base = TrainConfig.from_dict(config, "config") if isinstance(config, dict) else config or TrainConfig()
+    return dataclasses.replace(base, **{config_key(k, "train_model"): v for k, v in options.items()})
 
-def _check_loss(task:str, loss:str|None, focal_gamma:float) -> str:
-    "The loss to train `task` with (a default for None); a clear error for one that does not fit the task."
-    allowed = MULTILABEL_TRAIN_LOSSES if task == "multilabel" else MULTICLASS_LOSSES
-    loss = loss or allowed[1 if task == "multilabel" else 0]
-    if loss not in allowed: raise ValueError(f"Unknown loss {loss!r} for task {task!r}: use one of {allowed}.")
+def _check_loss(task:Task, loss:str|None, focal_gamma:float) -> str:
+    "The loss to train `task` with (its default for None); a clear error for one that does not fit the task."
+    loss = loss or task.default_loss
+    if loss not in task.losses: raise ValueError(f"Unknown loss {loss!r} for task {task.name!r}: use one of {task.losses}.")
     if not (isinstance(focal_gamma, (int, float)) and math.isfinite(focal_gamma) and focal_gamma >= 0):
         raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma!r}.")
     return loss
 
-def _check_engine(task, two_stage, epochs, epochs_stage1, epochs_stage2, schedule, unfreeze, lora_r, patience,
-                  save_freq, grad_clip, warmup_epochs):
+def _check_engine(task:Task, c:TrainConfig):
     "Clear errors for settings that cannot work together."
-    for name, value in [("epochs", epochs)] + ([("epochs_stage1", epochs_stage1), ("epochs_stage2", epochs_stage2)] if two_stage else []):
+    for name in ["epochs"] + (["epochs_stage1", "epochs_stage2"] if c.two_stage else []):
+        value = getattr(c, name)
         if not isinstance(value, int) or value < 1: raise ValueError(f"{name}={value}: train for at least one epoch.")
-    if schedule not in SCHEDULES: raise ValueError(f"Unknown schedule {schedule!r}: use one of {SCHEDULES}.")
-    if unfreeze not in UNFREEZE_MODES: raise ValueError(f"Unknown unfreeze {unfreeze!r}: use one of {UNFREEZE_MODES}.")
-    if unfreeze == "gradual" and (two_stage or task == "multitask"):
-        raise ValueError("unfreeze='gradual' replaces two_stage and works for task 'dr' or 'multilabel'; choose one.")
-    if lora_r is not None and (two_stage or unfreeze != "none" or task == "multitask"):
-        raise ValueError("LoRA trains adapters and the head only, on task 'dr' or 'multilabel': leave two_stage and unfreeze off.")
-    if patience is not None and (not isinstance(patience, int) or patience < 0):
-        raise ValueError(f"patience must be a whole number >= 0 (0 or None: no early stopping), got {patience!r}.")
-    if not isinstance(save_freq, int) or save_freq < 0: raise ValueError(f"save_freq must be a whole number >= 0, got {save_freq!r}.")
-    if grad_clip is not None and not grad_clip > 0: raise ValueError(f"grad_clip must be > 0 (or None), got {grad_clip!r}.")
-    if warmup_epochs and schedule != "cosine": raise ValueError("warmup_epochs applies to schedule='cosine' (one-cycle warms up by itself).")
+    if c.schedule not in SCHEDULES: raise ValueError(f"Unknown schedule {c.schedule!r}: use one of {SCHEDULES}.")
+    if c.unfreeze not in UNFREEZE_MODES: raise ValueError(f"Unknown unfreeze {c.unfreeze!r}: use one of {UNFREEZE_MODES}.")
+    if c.unfreeze == "gradual" and (c.two_stage or not task.one_head):
+        raise ValueError("unfreeze='gradual' replaces two_stage and works for one-head tasks such as 'dr' or 'multilabel'; choose one.")
+    if c.lora_r is not None and (c.two_stage or c.unfreeze != "none" or not task.one_head):
+        raise ValueError("LoRA trains adapters and the head only, on one-head tasks such as 'dr' or 'multilabel': leave two_stage and unfreeze off.")
+    if c.patience is not None and (not isinstance(c.patience, int) or c.patience < 0):
+        raise ValueError(f"patience must be a whole number >= 0 (0 or None: no early stopping), got {c.patience!r}.")
+    if not isinstance(c.save_freq, int) or c.save_freq < 0: raise ValueError(f"save_freq must be a whole number >= 0, got {c.save_freq!r}.")
+    if c.grad_clip is not None and not c.grad_clip > 0: raise ValueError(f"grad_clip must be > 0 (or None), got {c.grad_clip!r}.")
+    if c.warmup_epochs and c.schedule != "cosine": raise ValueError("warmup_epochs applies to schedule='cosine' (one-cycle warms up by itself).")
 
-def _task_loss(task:str, loss:str, counts:list[int]|None, focal_gamma:float, loss_params:dict) -> nn.Module:
-    "The loss module of one task, built from the training split's counts."
-    if loss == "bce": return nn.BCEWithLogitsLoss(**loss_params)
-    if task == "multilabel" and loss != "sigmoid_focal": return make_loss(loss, **loss_params)
-    return make_loss(loss, class_counts=counts, gamma=focal_gamma, **loss_params)
-
-def _describe_data(task:str, class_counts:dict, loss:str, loss_params:dict, class_names:list[str]|None=None):
-    "Print the training split's class distribution and, for weighted losses, the class weights."
-    print("Class distribution (training split):")
-    if task == "multilabel":
-        n = sum(class_counts[UNIFIED_LABELS[0]])
-        for c in UNIFIED_LABELS: print(f"   {c} {ODIR_NAMES[c]}: {class_counts[c][1]} positive ({100 * class_counts[c][1] / n:.1f}%)")
-        return
-    for column, counts in class_counts.items():
-        names = class_names or TASK_CLASS_NAMES[column]
-        for k, count in enumerate(counts): print(f"   {column} {k} {names[k]}: {count} ({100 * count / sum(counts):.1f}%)")
-        if loss in ("weighted_ce", "cb_focal"):
-            weights = (inverse_frequency_weights(counts) if loss == "weighted_ce"
-                       else class_balanced_weights(counts, loss_params.get("beta", 0.999)))
-            print(f"Class weights ({loss}, {column}): " + ", ".join(f"{w:.4f}" for w in np.asarray(weights, dtype=float)))
+def _check_label_values(frames:list[pd.DataFrame], classes:dict[str, int]):
+    "A clear error for a label outside a column's classes."
+    for frame in frames:
+        for column, k in classes.items():
+            labels = _integer_labels(frame, column)
+            if labels.min() < 0 or labels.max() >= k:
+                raise ValueError(f"Column {column!r} has values outside 0..{k - 1}: {sorted(set(labels.tolist()))}.")
 
 def input_size_kwargs(model_name:str, # timm model name
                       image_size:int, # side of the square training images
@@ -417,172 +803,135 @@ def _device_line(device:torch.device) -> str:
 
 def _check_resume(saved:dict, run_config:dict, path):
     "A clear error if the checkpoint at `path` was written by a run with other settings or data."
+    defaults = {name: spec.default for name, spec in config_fields().items()}  # options added since the checkpoint was written
     before = {**saved["config"].get("arguments", {}), **{k: saved["config"].get(k) for k in ("n_train", "n_valid")}}
     now = {**run_config["arguments"], **{k: run_config[k] for k in ("n_train", "n_valid")}}
-    differ = [f"{k}: {before.get(k)!r} vs {v!r}" for k, v in now.items() if k not in RESUME_MAY_DIFFER and before.get(k) != v]
+    differ = [f"{k}: {before.get(k, defaults.get(k))!r} vs {v!r}" for k, v in now.items()
+              if k not in RESUME_MAY_DIFFER and before.get(k, defaults.get(k)) != v]
     if differ:
         raise ValueError(f"{path} was written by a run with other settings or data (setting: checkpoint vs now): "
                          f"{', '.join(differ)}. Resume with the same settings and data, or start a new run.")
 
-def train_model(df:pd.DataFrame, # canonical table of the training images (validation is split off by patient)
-                save_dir, # folder for the models, checkpoints, training_history.json, training_curves.png, config.json
-                task:str="dr", # 'dr' (5 DR grades), 'multitask' (DR grade and DME risk) or 'multilabel' (ODIR diseases)
-                model_name:str=DEFAULT_MODEL, # timm architecture
-                num_classes:int|None=None, # None: from the task (5 for DR, 7 for multilabel)
-                image_size:int=224, # side of the square input images in pixels
-                batch_size:int=16, # images per batch
-                epochs:int=10, # passes over the training set (single stage)
-                lr:float=1e-3, # peak learning rate (single stage)
-                val_split:float=0.2, # share of patients held out for validation
-                random_seed:int=42, # seed for the split, initialisation, shuffling and augmentation
-                num_workers:int=0, # DataLoader worker processes
-                pretrained:bool=True, # start from ImageNet weights
-                device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
-                dropout:float=0.2, # dropout before the classification layer(s)
-                loss:str|None=None, # None: 'ce' ('adaptive_focal' for multilabel); see the loss section
-                focal_gamma:float=2.0, # focusing parameter of 'focal', 'cb_focal' and 'sigmoid_focal'
-                loss_params:dict|None=None, # more keyword arguments of the loss (make_loss), e.g. {'beta': 0.99}
-                advanced_aug:bool=False, # train with the 'heavy' augmentation pipeline instead of 'light'
-                medical_preprocess:bool=False, # CLAHE on the lightness channel after the crop/pad/resize
-                cache_dir=None, # folder of a cache of prepared squares (built or reused); None: prepare on the fly
-                two_stage:bool=False, # stage 1: head only (backbone frozen); stage 2: the whole model
-                epochs_stage1:int=5, # epochs of stage 1 (two_stage)
-                epochs_stage2:int=25, # epochs of stage 2 (two_stage)
-                lr_stage1:float=1e-3, # peak learning rate of stage 1 (two_stage)
-                lr_stage2:float=1e-4, # peak learning rate of stage 2 (two_stage)
-                weight_decay:float=WEIGHT_DECAY, # decoupled (AdamW) weight decay
-                schedule:str="one_cycle", # learning-rate schedule: 'one_cycle' or 'cosine'
-                eta_min:float=0.0, # final learning rate of the cosine schedule
-                warmup_epochs:float=0.0, # linear warm-up epochs of the cosine schedule (per stage)
-                grad_clip:float|None=None, # clip the gradient norm to this; None: no clipping
-                unfreeze:str="none", # 'none' or 'gradual' (backbone unfrozen from the top in four phases)
-                lora_r:int|None=None, # LoRA rank on a ViT's qkv layers; None: train normally
-                lora_alpha:float=16.0, # LoRA scaling numerator (update = alpha / r * B A)
-                lora_dropout:float=0.0, # dropout on the LoRA branch
-                mixed_precision:str|bool="no", # 'no', 'auto', 'fp16' (CUDA), 'bf16', or a bool
-                patience:int|None=None, # early stopping: epochs without a better validation score; None/0: off
-                save_freq:int=0, # write checkpoint_epoch_N.pth every N epochs; 0: off
-                valid_df:pd.DataFrame|None=None, # explicit validation table (e.g. a cross-validation fold); None: split df
-                resume:str|None=None, # a last_checkpoint.pth or checkpoint_epoch_N.pth to continue from
-                callbacks:list|None=None, # more fastai callbacks for the Learner (e.g. a pruning callback of a search)
-               ) -> dict:
-    "Train a DR, DR + DME or multi-label model with fastai, keep the best checkpoint and everything needed to resume."
-    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in ("df", "valid_df", "callbacks")}
-    arguments.update(valid_df=None if valid_df is None else len(valid_df), callbacks=[type(c).__name__ for c in callbacks or []],
-                     loss_params=dict(loss_params or {}))
-    codes = disease_classes(df if valid_df is None else pd.concat([df, valid_df])) if task == "disease" else []
-    if task == "disease":  # one diagnosis per image among the ODIR codes present: a single-label class index
-        df = df.assign(disease=disease_labels(df, codes))
-        if valid_df is not None: valid_df = valid_df.assign(disease=disease_labels(valid_df, codes))
-    task_classes = _check_task(task, num_classes, codes)
-    loss = arguments["loss"] = _check_loss(task, loss, focal_gamma)
-    _check_engine(task, two_stage, epochs, epochs_stage1, epochs_stage2, schedule, unfreeze, lora_r, patience,
-                  save_freq, grad_clip, warmup_epochs)
-    for frame in [df] + ([] if valid_df is None else [valid_df]):
-        for column, k in task_classes.items():
-            labels = _integer_labels(frame, column)
-            if labels.min() < 0 or labels.max() >= k:
-                raise ValueError(f"Column {column!r} has values outside 0..{k - 1}: {sorted(set(labels.tolist()))}.")
-    save_dir, torch_device = Path(save_dir), get_device(device)
-    precision = resolve_precision(mixed_precision, torch_device)
-    saved = load_training_checkpoint(resume) if resume is not None else None
-    label_col = task if task in ("dr", "disease") else list(task_classes)
-    cache = None
-    if cache_dir is not None:
-        df = build_cache(df, cache_dir, size=image_size, num_workers=max(num_workers, 1))
-        cache = {"dir": str(cache_dir), "size": image_size, **df.attrs["cache"]}
-        if valid_df is not None: valid_df = build_cache(valid_df, cache_dir, size=image_size, num_workers=max(num_workers, 1))
-        print(f"Cache {cache_dir}: {cache['prepared']} image(s) prepared, {cache['reused']} reused.")
-    set_seed(random_seed)
-    augment = "heavy" if advanced_aug else "light"
-    dls = make_dataloaders(df, label_col, image_size, batch_size, num_workers, val_split, random_seed, torch_device,
-                           augment=augment, crop=cache is None, medical_preprocess=medical_preprocess,
-                           binary=task == "multilabel", valid_df=valid_df)
-    train_labels = dls.train_ds.labels.reshape(len(dls.train_ds), -1).astype(int)
-    class_counts = {t: np.bincount(train_labels[:, i], minlength=k).tolist() for i, (t, k) in enumerate(task_classes.items())}
-    if task == "multilabel": task_losses = {"multilabel": _task_loss(task, loss, None, focal_gamma, arguments["loss_params"])}
-    else: task_losses = {t: _task_loss(task, loss, counts, focal_gamma, arguments["loss_params"]) for t, counts in class_counts.items()}
-    task_losses = {t: l.to(torch_device) for t, l in task_losses.items()}
-    if task == "multitask":
-        model = MultiTaskClassifier(model_name, task_classes, pretrained=pretrained, dropout=dropout)
-        model_config = {"model_name": model_name, "num_classes": dict(task_classes),
-                        "class_names": {t: TASK_CLASS_NAMES[t] for t in task_classes}, "task": task,
-                        "label_columns": list(task_classes), "timm_kwargs": {},
-                        "uncertainty": {"kinds": model.uncertainty.kinds, "non_negative": model.uncertainty.non_negative}}
-    else:
-        n_outputs, timm_kwargs = len(UNIFIED_LABELS) if task == "multilabel" else task_classes[task], input_size_kwargs(model_name, image_size)
-        model = DRClassifier(model_name, num_classes=n_outputs, pretrained=pretrained, dropout=dropout, **timm_kwargs)
-        model_config = {"model_name": model_name, "num_classes": n_outputs,
-                        "class_names": [ODIR_NAMES[c] for c in codes] if task == "disease" else TASK_CLASS_NAMES[task],
-                        "task": task, "label_columns": list(UNIFIED_LABELS) if task == "multilabel" else [task], "timm_kwargs": timm_kwargs,
-                        **({"codes": codes} if task == "disease" else {})}
-    if lora_r is not None: add_lora(model, lora_r, lora_alpha, lora_dropout)
-    model_config.update(image_size=image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                        preprocessing=dict(MEDICAL_PREPROCESSING if medical_preprocess else PREPROCESSING), dropout=dropout)
-    stages = ([(epochs_stage1, lr_stage1, "Stage 1: training the head (backbone frozen)"),
-               (epochs_stage2, lr_stage2, "Stage 2: fine-tuning the whole model (backbone unfrozen)")] if two_stage else
-              [(epochs, lr, "Training" + (" (backbone unfrozen gradually from the top)" if unfreeze == "gradual" else "")
-                + (f" LoRA adapters (r={lora_r}) and the head" if lora_r is not None else ""))])
-    run_config = {**arguments, **model_config, "arguments": arguments, "precision": precision,
-                  "total_epochs": sum(s[0] for s in stages), "optimizer": "AdamW (fastai Adam, decoupled weight decay)",
-                  "train_class_counts": class_counts, "augmentation": augment, "cache": cache, "monitor": MONITOR[task],
-                  "selection": {"dr": "validation qwk", "multilabel": "validation macro_f1", "disease": "validation macro_f1",
-                                "multitask": "validation score = mean of dr_qwk and dme_accuracy"}[task],
-                  "device": str(torch_device), "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds),
-                  "n_train_patients": int(dls.train_ds.df.patient_id.nunique()),
-                  "n_valid_patients": int(dls.valid_ds.df.patient_id.nunique())}
-    if saved is not None: _check_resume(saved, run_config, resume)
-    if is_main_process(): save_json(run_config, save_dir/"config.json")
-    saver = TrainingRunCallback(save_dir, model_config, MONITOR[task], patience, save_freq, save_stage1=two_stage,
-                                run_config=run_config, to_save=merged_copy if lora_r is not None else None)
-    saver.total_epochs = run_config["total_epochs"]
-    if saved is not None: saver.history, saver.best = saved["history"], saved["best"]
+# %% ../nbs/08_train.ipynb #da3a06b9
+def _cached_tables(df:pd.DataFrame, valid_df:pd.DataFrame|None, c:TrainConfig) -> tuple:
+    "(df, valid_df, cache record): the tables pointing at prepared squares in `c.cache_dir`, or unchanged without a cache."
+    if c.cache_dir is None: return df, valid_df, None
+    workers = max(c.num_workers, 1)
+    df = build_cache(df, c.cache_dir, size=c.image_size, num_workers=workers)
+    cache = {"dir": str(c.cache_dir), "size": c.image_size, **df.attrs["cache"]}
+    if valid_df is not None: valid_df = build_cache(valid_df, c.cache_dir, size=c.image_size, num_workers=workers)
+    print(f"Cache {c.cache_dir}: {cache['prepared']} image(s) prepared, {cache['reused']} reused.")
+    return df, valid_df, cache
+
+def _stages(c:TrainConfig) -> list[tuple[int, float, str]]:
+    "(epochs, peak learning rate, banner) of each training stage."
+    if c.two_stage: return [(c.epochs_stage1, c.lr_stage1, "Stage 1: training the head (backbone frozen)"),
+                            (c.epochs_stage2, c.lr_stage2, "Stage 2: fine-tuning the whole model (backbone unfrozen)")]
+    return [(c.epochs, c.lr, "Training" + (" (backbone unfrozen gradually from the top)" if c.unfreeze == "gradual" else "")
+             + (f" LoRA adapters (r={c.lora_r}) and the head" if c.lora_r is not None else ""))]
+
+def _arguments(c:TrainConfig, save_dir, loss:str, valid_df, callbacks) -> dict:
+    "The run's options as config.json and the checkpoints record them (the loss resolved)."
+    return {"save_dir": str(save_dir), **c.to_dict(), "loss": loss, "loss_params": dict(c.loss_params or {}),
+            "valid_df": None if valid_df is None else len(valid_df), "callbacks": [type(cb).__name__ for cb in callbacks or []]}
+
+def _run_config(arguments:dict, model_config:dict, task:Task, dls, stages:list, **facts) -> dict:
+    "Everything config.json records about a run: its options, the model config and what the data and device were."
+    return {**arguments, **model_config, "arguments": arguments, "precision": facts["precision"],
+            "total_epochs": sum(s[0] for s in stages), "optimizer": "AdamW (fastai Adam, decoupled weight decay)",
+            "train_class_counts": facts["class_counts"], "augmentation": facts["augment"], "cache": facts["cache"],
+            "monitor": task.monitor, "selection": task.selection, "device": str(facts["device"]),
+            "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds),
+            "n_train_patients": int(dls.train_ds.df.patient_id.nunique()),
+            "n_valid_patients": int(dls.valid_ds.df.patient_id.nunique())}
+
+def _engine(c:TrainConfig, precision:str, saver:TrainingRunCallback) -> list:
+    "The training loop's callbacks: loss schedule, divergence stop, checkpoints, and the options' extras."
     engine = [LossScheduleCallback(), StopOnNonFiniteLoss(), saver]
     if precision != "no": engine.append(DeviceMixedPrecision(precision))
-    if grad_clip is not None: engine.append(GradientClip(grad_clip))
-    if unfreeze == "gradual": engine.append(GradualUnfreeze())
-    if task == "multitask":
-        tracker = TaskLossTracker()
-        saver.extra_values = tracker.values
-        learn = multitask_learner(dls, model, task_losses, lr=lr, weight_decay=weight_decay, path=save_dir,
-                                  cbs=[tracker, *engine, *(callbacks or [])])
-    else:
-        if task == "multilabel":
-            from fundus_lab.multilabel import fastai_multilabel_metrics  # the unified chapter's metrics
-            metrics = fastai_multilabel_metrics()
-        else: metrics = fastai_metrics(task_classes[task])
-        learn = Learner(dls, model, loss_func=task_losses[task], opt_func=Adam, lr=lr,
-                        wd=weight_decay, metrics=metrics, path=save_dir, cbs=[*engine, *(callbacks or [])],
-                        **({"splitter": backbone_splitter} if unfreeze == "gradual" else {}))
-    print(_device_line(torch_device) + (f", mixed precision {precision}" if precision != "no" else ""))
-    print(f"Training {model_name} ({task}, loss {loss}) on {run_config['n_train']} images ({run_config['n_train_patients']} "
-          f"patients), validating on {run_config['n_valid']} ({run_config['n_valid_patients']} patients).")
-    _describe_data(task, class_counts, loss, arguments["loss_params"], model_config["class_names"] if task == "disease" else None)
-    if saved is not None: print(f"Resuming from {resume}: {saved['epochs_done']} of {run_config['total_epochs']} epochs done.")
+    if c.grad_clip is not None: engine.append(GradientClip(c.grad_clip))
+    if c.unfreeze == "gradual": engine.append(GradualUnfreeze())
+    return engine
+
+def _fit_stages(learn:Learner, task:Task, c:TrainConfig, stages:list, saver:TrainingRunCallback, saved:dict|None):
+    "Fit each stage (skipping those a resumed checkpoint finished) with the chosen schedule."
     for stage, (n_epoch, stage_lr, banner) in enumerate(stages, 1):
         start, restore = 0, None
         if saved is not None:
             if stage < saved["stage"] or (stage == saved["stage"] and saved["stage_finished"]): continue
             start, restore, saved = (saved["stage_epochs_done"] if stage == saved["stage"] else 0), saved, None
-        if two_stage: (model.freeze_backbone() if stage == 1 else model.unfreeze_backbone())
+        if c.two_stage: (learn.model.freeze_backbone() if stage == 1 else learn.model.unfreeze_backbone())
         saver.begin_stage(stage, start, restore)
-        learn.lr = [stage_lr, stage_lr, stage_lr * LOG_VAR_LR_MULT] if task == "multitask" else stage_lr
-        print(f"{banner}: {n_epoch} epoch{'s' if n_epoch > 1 else ''}, lr {stage_lr:g}, {schedule.replace('_', '-')} schedule")
+        learn.lr = task.stage_lr(stage_lr)
+        print(f"{banner}: {n_epoch} epoch{'s' if n_epoch > 1 else ''}, lr {stage_lr:g}, {c.schedule.replace('_', '-')} schedule")
         with learn.no_logging(), distributed_context(learn):  # the callback prints the epoch lines; the bars stay
-            if schedule == "one_cycle": learn.fit_one_cycle(n_epoch, reset_opt=stage > 1, start_epoch=start)
+            if c.schedule == "one_cycle": learn.fit_one_cycle(n_epoch, reset_opt=stage > 1, start_epoch=start)
             else:
-                scheduler = cosine_scheduler(np.array(learn.lr) if task == "multitask" else stage_lr, n_epoch,
-                                             min(eta_min, stage_lr), warmup_epochs)  # never above the stage's peak
+                peak = np.array(learn.lr) if isinstance(learn.lr, list) else stage_lr
+                scheduler = cosine_scheduler(peak, n_epoch, min(c.eta_min, stage_lr), c.warmup_epochs)  # never above the peak
                 learn.fit(n_epoch, cbs=[scheduler], reset_opt=stage > 1, start_epoch=start)
+
+def _announce(task:Task, c:TrainConfig, run_config:dict, device, precision:str, loss:str, names:dict, saved, class_counts):
+    "Print the device, the data and, when resuming, how far the run had got."
+    print(_device_line(device) + (f", mixed precision {precision}" if precision != "no" else ""))
+    print(f"Training {c.model_name} ({task.name}, loss {loss}) on {run_config['n_train']} images ({run_config['n_train_patients']} "
+          f"patients), validating on {run_config['n_valid']} ({run_config['n_valid_patients']} patients).")
+    task.describe_data(class_counts, loss, run_config["loss_params"], names)
+    if saved is not None: print(f"Resuming from {c.resume}: {saved['epochs_done']} of {run_config['total_epochs']} epochs done.")
+
+def _finish(task:Task, c:TrainConfig, save_dir:Path, saver:TrainingRunCallback) -> dict:
+    "Draw the curves, say where the results are and return them."
     curves_path = save_dir/"training_curves.png"
-    if is_main_process(): save_figure(plot_history(saver.history, f"{model_name} ({task})"), curves_path)
+    if is_main_process(): save_figure(plot_history(saver.history, f"{c.model_name} ({task.name})"), curves_path)
     best = saver.best_record
-    summary = (f"validation {MONITOR[task]} {best[MONITOR[task]]:.4f}" + (f", accuracy {best['accuracy']:.4f}" if task == "dr" else "")
-               if task != "multitask" else
-               f"validation score {best['score']:.4f} (DR qwk {best['dr_qwk']:.4f}, DME accuracy {best['dme_accuracy']:.4f}, "
-               f"joint accuracy {best['joint_accuracy']:.4f})")
-    print(f"Best epoch {best['epoch']}: {summary}.\n"
+    print(f"Best epoch {best['epoch']}: {task.best_summary(best)}.\n"
           f"Model: {saver.model_path}\nHistory: {saver.history_path}\nRun config: {save_dir/'config.json'}")
     return {"best_model_path": str(saver.model_path), "history_path": str(saver.history_path),
             "config_path": str(save_dir/"config.json"), "curves_path": str(curves_path),
             "last_checkpoint_path": str(saver.last_path), "best_metrics": best, "epochs_run": len(saver.history)}
+
+def train_model(df:pd.DataFrame, # canonical table of the training images (validation is split off by patient)
+                save_dir, # folder for the models, checkpoints, training_history.json, training_curves.png, config.json
+                config:TrainConfig|dict|None=None, # the run's options; None: the defaults of `TrainConfig`
+                valid_df:pd.DataFrame|None=None, # explicit validation table (e.g. a cross-validation fold); None: split df
+                callbacks:list|None=None, # more fastai callbacks for the Learner (e.g. a pruning callback of a search)
+                **options, # `TrainConfig` fields overriding `config`, e.g. task='multitask', epochs=3
+               ) -> dict:
+    "Train a model for a registered task with fastai, keep the best checkpoint and everything needed to resume."
+    c = _with_options(config, options)
+    task = get_task(c.task, training=True)
+    df, valid_df, facts = task.prepare(df, valid_df)
+    classes, loss = task.classes(c.num_classes, facts), _check_loss(task, c.loss, c.focal_gamma)
+    _check_engine(task, c)
+    _check_label_values([df] + ([] if valid_df is None else [valid_df]), classes)
+    save_dir, device = Path(save_dir), get_device(c.device)
+    precision = resolve_precision(c.mixed_precision, device)
+    saved = load_training_checkpoint(c.resume) if c.resume is not None else None
+    df, valid_df, cache = _cached_tables(df, valid_df, c)
+    set_seed(c.random_seed)
+    augment = "heavy" if c.advanced_aug else "light"
+    dls = make_dataloaders(df, task.label_col(classes), c.image_size, c.batch_size, c.num_workers, c.val_split, c.random_seed,
+                           device, augment=augment, crop=cache is None, medical_preprocess=c.medical_preprocess,
+                           binary=task.binary, valid_df=valid_df)
+    train_labels = dls.train_ds.labels.reshape(len(dls.train_ds), -1).astype(int)
+    class_counts = {t: np.bincount(train_labels[:, i], minlength=k).tolist() for i, (t, k) in enumerate(classes.items())}
+    arguments = _arguments(c, save_dir, loss, valid_df, callbacks)
+    losses = {t: l.to(device) for t, l in task.make_losses(loss, class_counts, c.focal_gamma, arguments["loss_params"]).items()}
+    model, model_config = task.make_model(c.model_name, classes, c.pretrained, c.dropout, c.image_size, facts)
+    if c.lora_r is not None: add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout)
+    model_config.update(image_size=c.image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                        preprocessing=dict(MEDICAL_PREPROCESSING if c.medical_preprocess else PREPROCESSING), dropout=c.dropout)
+    stages = _stages(c)
+    run_config = _run_config(arguments, model_config, task, dls, stages, precision=precision, class_counts=class_counts,
+                             augment=augment, cache=cache, device=device)
+    if saved is not None: _check_resume(saved, run_config, c.resume)
+    if is_main_process(): save_json(run_config, save_dir/"config.json")
+    saver = TrainingRunCallback(save_dir, model_config, task.monitor, c.patience, c.save_freq, save_stage1=c.two_stage,
+                                run_config=run_config, to_save=merged_copy if c.lora_r is not None else None)
+    saver.total_epochs = run_config["total_epochs"]
+    if saved is not None: saver.history, saver.best = saved["history"], saved["best"]
+    learn = task.make_learner(dls, model, losses, classes, c.lr, c.weight_decay, save_dir, [*_engine(c, precision, saver), *(callbacks or [])],
+                              saver, backbone_splitter if c.unfreeze == "gradual" else None)
+    _announce(task, c, run_config, device, precision, loss, task.class_names(classes, facts), saved, class_counts)
+    _fit_stages(learn, task, c, stages, saver, saved)
+    return _finish(task, c, save_dir, saver)

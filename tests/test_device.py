@@ -1,4 +1,4 @@
-"Data-parallel training through `fundus_lab.device.distributed_context`, for real: two CPU processes, gloo backend."
+"Data-parallel training through `fundus_lab.train.distributed_context`, for real: two CPU processes, gloo backend."
 import os, subprocess, sys
 from pathlib import Path
 
@@ -21,7 +21,7 @@ def _train_one_rank(out_dir: Path):
     from fastai.optimizer import SGD
     from torch import nn
     from torch.utils.data import TensorDataset
-    from fundus_lab.device import distributed_context, is_main_process, world_size
+    from fundus_lab.train import distributed_context, is_main_process, world_size
 
     class Record(Callback):
         "Keep each training batch, and in the first step the synchronised and the process-local gradients."
