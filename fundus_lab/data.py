@@ -903,6 +903,11 @@ def _check_ids(df, report):
                       if column == "image_id" else "Remove the duplicate rows.")
             report.add("duplicates", f"{what} {value} is used by rows {_row_numbers(rows)}. {advice}", rows[1:])
 
+def _folder_named_like(path:str) -> str|None:
+    "A folder named like the image `path` (same stem, an image extension), which a listing of files passes over."
+    stem = os.path.splitext(path)[0]
+    return next((stem + ext for ext in IMAGE_EXTENSIONS if os.path.isdir(stem + ext)), None)
+
 def _check_files(df, report, check_images, max_workers, min_side=None):
     paths = df["path"]
     for i in df.index[paths.isna().to_numpy()]:
@@ -914,6 +919,11 @@ def _check_files(df, report, check_images, max_workers, min_side=None):
     for p in unique:
         if not exists[p]:
             rows = list(rows_of[p])
+            folder = _folder_named_like(p)
+            if folder is not None:
+                report.add("files", f"{folder} is a folder, not an image file ({_row(df, rows[0])}). Put the photo "
+                                    "there instead, or drop the row.", rows)
+                continue
             report.add("files", f"{p}: file not found ({_row(df, rows[0])}). Put the image there, fix img_dir, "
                                 "or drop the row.", rows)
     if not check_images: return

@@ -243,7 +243,7 @@ def predict_images(model, # a model file (.pth or .onnx), or a TorchClassifier /
                    tta:bool=False, # average over the four flips
                    batch_size:int=16, # images per forward pass
                   ) -> pd.DataFrame:
-    "One row per image: `image`, the predicted class (per task) and the probability of every class; photos with nothing to grade are 'ungradable' with the `problem`."
+    "One row per image: `image`, the predicted class (per task) and the probability of every class; photos with nothing to grade are 'ungradable', a column `problem` says why."
     classifier = model if isinstance(model, (TorchClassifier, OnnxClassifier)) else load_classifier(model)
     files = list_images(images)
     problems, inputs = _graded_inputs(files, classifier.config)
@@ -262,7 +262,7 @@ def predict_images(model, # a model file (.pth or .onnx), or a TorchClassifier /
         table.loc[[p is not None for p in problems], f"{prefix}predicted"] = "ungradable"
         for k, name in enumerate(names): table[f"{prefix}prob_{name}"] = group[:, k]
         start += len(names)
-    table["problem"] = [p or "" for p in problems]
+    if graded != list(range(len(files))): table["problem"] = [p or "" for p in problems]
     return table
 
 # %% ../nbs/20_export.ipynb #a5a4a4e6
@@ -450,7 +450,7 @@ def cmd_predict(args:argparse.Namespace) -> int:
     else:
         with atomic_write(args.output, "w") as f: table.to_csv(f, index=False)
         print(f"Wrote predictions for {len(table)} images to {args.output}")
-    ungradable = table[table.problem != ""]
+    ungradable = table[table.problem != ""] if "problem" in table.columns else table.iloc[:0]
     if len(ungradable):
         print(f"{len(ungradable)} photo(s) not graded (predicted 'ungradable'):\n" +
               "\n".join(f"  {image}: {problem}" for image, problem in zip(ungradable.image[:20], ungradable.problem[:20]))

@@ -90,9 +90,10 @@ def test_evaluate_file_that_is_not_a_model(dr_dataset, tmp_path, capsys):
     ("--task", "grading", "argument --task: invalid choice: 'grading'"),
     ("--model-name", "efficientnet_b99", "unknown architecture 'efficientnet_b99'"),
     ("--num-classes", "3", "5 grades"),
+    ("--image-size", "8", "below the smallest network input, 32 pixels"),
 ])
 def test_bad_option_values(dr_dataset, tmp_path, capsys, option, value, phrase):
-    argv = [str(a) for a in train_args(dr_dataset, tmp_path/"m", option, value)]
+    argv = [str(a) for a in train_args(dr_dataset, tmp_path/"m", "--image-size", "64", option, value)]  # the photos are 96 pixels high
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err, err
