@@ -45,9 +45,10 @@ from .multitask import (LOG_VAR_LR_MULT, MultiTaskClassifier, TaskLossTracker, m
 from .preprocess import clahe_lightness, prepare_fundus
 
 # %% auto #0
-__all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'TRAIN_TASKS', 'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES',
-           'SCHEDULES', 'UNFREEZE_MODES', 'MONITOR', 'RESUME_MAY_DIFFER', 'FundusDataset', 'make_dataloaders',
-           'preprocessing_options', 'TrainingRunCallback', 'plot_history', 'save_figure', 'LossScheduleCallback',
+__all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'HIGH_SENSITIVITY', 'HIGH_SPECIFICITY', 'OPERATING_RULE',
+           'TRAIN_TASKS', 'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES', 'SCHEDULES', 'UNFREEZE_MODES', 'MONITOR',
+           'RESUME_MAY_DIFFER', 'FundusDataset', 'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback',
+           'plot_history', 'save_figure', 'choose_operating_points', 'add_operating_points', 'LossScheduleCallback',
            'input_size_kwargs', 'train_model']
 
 # %% ../nbs/08_train.ipynb #2c2cd1a5
@@ -318,6 +319,72 @@ def save_figure(fig:plt.Figure, # the figure to write
     plt.close(fig)
     return Path(path)
 
+# %% ../nbs/08_train.ipynb #d13d116c
+from sklearn.metrics import roc_curve
+
+from .multitask import load_any_model
+
+HIGH_SENSITIVITY = 0.90  # the high-sensitivity operating point reaches at least this sensitivity
+HIGH_SPECIFICITY = 0.907  # the high-specificity one at least this specificity (IDx-DR pivotal trial, Abramoff et al. 2018)
+OPERATING_RULE = ("refer when P(grade >= 2) >= threshold; high_sensitivity: the highest threshold with validation "
+                  "sensitivity >= {sensitivity}; high_specificity: the lowest threshold with validation specificity >= {specificity}")
+
+def choose_operating_points(positive, # 1 = referable, shape (n,)
+                            scores, # referable score (higher = more likely referable), shape (n,)
+                            min_sensitivity:float=HIGH_SENSITIVITY, # the high-sensitivity point reaches at least this
+                            min_specificity:float=HIGH_SPECIFICITY, # the high-specificity point reaches at least this
+                           ) -> dict:
+    "{'high_sensitivity', 'high_specificity'}: threshold, target, sensitivity and specificity of 'refer when score >= threshold'."
+    positive, scores = np.asarray(positive).astype(bool), np.asarray(scores, dtype=float)
+    if positive.all() or not positive.any():
+        raise ValueError("choose_operating_points needs referable and non-referable images to measure sensitivity and specificity.")
+    for name, value in (("min_sensitivity", min_sensitivity), ("min_specificity", min_specificity)):
+        if not 0 < value < 1: raise ValueError(f"{name} must be in (0, 1), got {value}.")
+    fpr, tpr, thresholds = roc_curve(positive, scores, drop_intermediate=False)  # thresholds fall, fpr and tpr grow
+    chosen = {"high_sensitivity": (np.flatnonzero(tpr >= min_sensitivity - 1e-12).min(), {"sensitivity": float(min_sensitivity)}),
+              "high_specificity": (np.flatnonzero(1 - fpr >= min_specificity - 1e-12).max(), {"specificity": float(min_specificity)})}
+    points = {}
+    for name, (k, target) in chosen.items():
+        threshold = float(thresholds[k]) if np.isfinite(thresholds[k]) else float(np.nextafter(scores.max(), np.inf))
+        refer = scores >= threshold
+        points[name] = {"threshold": threshold, "target": target, "sensitivity": float(refer[positive].mean()),
+                        "specificity": float((~refer[~positive]).mean())}
+    return points
+
+def add_operating_points(model_path, # best_model.pth written by training
+                         valid_loader, # DataLoader of the validation split: (images, labels) batches as in training
+                         device:str|torch.device="cpu", # where to run the model
+                         min_sensitivity:float=HIGH_SENSITIVITY, # target of the high-sensitivity point
+                         min_specificity:float=HIGH_SPECIFICITY, # target of the high-specificity point
+                        ) -> dict|None:
+    "Choose both referable-DR operating points on the validation split and store them in the model file's config; None for other tasks."
+    model, config = load_any_model(model_path, device=str(device))
+    if config["task"] not in ("dr", "multitask") or (config["task"] == "dr" and config["num_classes"] != 5): return None
+    dr_column = list(config["label_columns"]).index("dr")
+    grades, scores = [], []
+    with torch.inference_mode():
+        for images, labels in valid_loader:
+            logits = model(images.to(device)).float()
+            if config["task"] == "multitask": logits = model.split_logits(logits)["dr"]
+            scores.append(logits.softmax(1)[:, 2:].sum(1).cpu().numpy())  # grade 2 (moderate) or worse: referable
+            grades.append(labels.reshape(len(labels), -1)[:, dr_column].cpu().numpy())
+    referable, scores = np.concatenate(grades).astype(int) >= 2, np.concatenate(scores)
+    record = {"rule": OPERATING_RULE.format(sensitivity=min_sensitivity, specificity=min_specificity),
+              "chosen_on": "validation split", "n_images": int(len(scores)), "n_referable": int(referable.sum()),
+              "n_non_referable": int((~referable).sum())}
+    if referable.all() or not referable.any():
+        record["unavailable"] = "the validation split has no referable or no non-referable image"
+    else: record.update(choose_operating_points(referable, scores, min_sensitivity, min_specificity))
+    save_any_model(model_path, model, {**config, "operating_points": record})
+    return record
+
+def _operating_line(record:dict) -> str:
+    "One printed line on the operating points chosen at the end of training."
+    if "unavailable" in record: return f"Operating points: none ({record['unavailable']})."
+    return "Operating points (validation): " + "; ".join(
+        f"{name.replace('_', '-')} refer at >= {p['threshold']:.4f} (sensitivity {p['sensitivity']:.3f}, specificity {p['specificity']:.3f})"
+        for name, p in record.items() if name in ("high_sensitivity", "high_specificity"))
+
 # %% ../nbs/08_train.ipynb #3f0af511
 TRAIN_TASKS = ("dr", "multitask", "multilabel", "disease")
 TASK_CLASS_NAMES = {"dr": list(DR_GRADES), "dme": list(DME_GRADES), "multilabel": [ODIR_NAMES[c] for c in UNIFIED_LABELS]}
@@ -576,6 +643,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
                 learn.fit(n_epoch, cbs=[scheduler], reset_opt=stage > 1, start_epoch=start)
     curves_path = save_dir/"training_curves.png"
     if is_main_process(): save_figure(plot_history(saver.history, f"{model_name} ({task})"), curves_path)
+    operating = add_operating_points(saver.model_path, dls.valid, torch_device) if is_main_process() else None
     best = saver.best_record
     summary = (f"validation {MONITOR[task]} {best[MONITOR[task]]:.4f}" + (f", accuracy {best['accuracy']:.4f}" if task == "dr" else "")
                if task != "multitask" else
@@ -583,6 +651,8 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
                f"joint accuracy {best['joint_accuracy']:.4f})")
     print(f"Best epoch {best['epoch']}: {summary}.\n"
           f"Model: {saver.model_path}\nHistory: {saver.history_path}\nRun config: {save_dir/'config.json'}")
+    if operating: print(_operating_line(operating))
     return {"best_model_path": str(saver.model_path), "history_path": str(saver.history_path),
             "config_path": str(save_dir/"config.json"), "curves_path": str(curves_path),
-            "last_checkpoint_path": str(saver.last_path), "best_metrics": best, "epochs_run": len(saver.history)}
+            "last_checkpoint_path": str(saver.last_path), "best_metrics": best, "epochs_run": len(saver.history),
+            "operating_points": operating}
