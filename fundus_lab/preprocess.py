@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 
 # %% auto #0
-__all__ = ['FundusNotFoundError', 'FieldOfView', 'detect_field', 'fundus_box', 'crop_to_fundus', 'pad_to_square',
-           'prepare_fundus', 'ben_graham', 'clahe_lightness', 'green_contrast', 'QualityReport', 'image_quality']
+__all__ = ['RECOMMENDED_MIN_QUALITY', 'FundusNotFoundError', 'FieldOfView', 'detect_field', 'fundus_box', 'crop_to_fundus',
+           'pad_to_square', 'prepare_fundus', 'ben_graham', 'clahe_lightness', 'green_contrast', 'QualityReport',
+           'image_quality', 'Gradability', 'gradability', 'gradability_table']
 
 # %% ../nbs/03_preprocess.ipynb #189e32a7
 class FundusNotFoundError(ValueError):
@@ -254,3 +255,45 @@ def image_quality(img:np.ndarray, # H x W x 3 uint8 RGB fundus photo
     sharpness = float(laplacian[inside].var()) * 1e4
     problems = (("too dark",) if brightness < min_brightness else ()) + (("too blurred",) if sharpness < min_sharpness else ())
     return QualityReport(True, brightness, sharpness, problems)
+
+# %% ../nbs/03_preprocess.ipynb #fe8bd38c
+from pathlib import Path
+
+import pandas as pd
+
+from .data import read_rgb
+
+RECOMMENDED_MIN_QUALITY = 7.0  # for photos whose field is at least about 512 px across; see below
+
+@dataclass(frozen=True)
+class Gradability:
+    "Whether a photo can be graded, its quality score (the sharpness of `image_quality`) and why not."
+    gradable:bool # a field of view was found and the score reaches min_quality
+    quality:float # the sharpness of `image_quality`; 0 when no field was found
+    reason:str|None # None, 'no field', or 'quality Q below MIN'
+
+def _checked_min_quality(min_quality) -> float:
+    if isinstance(min_quality, bool) or not isinstance(min_quality, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(min_quality) or min_quality < 0:
+        raise ValueError(f"min_quality must be a number >= 0 (the lowest image_quality sharpness of a gradable photo), got {min_quality!r}.")
+    return float(min_quality)
+
+def gradability(img:np.ndarray, # H x W x 3 uint8 RGB fundus photo
+                min_quality:float=RECOMMENDED_MIN_QUALITY, # lowest quality score (sharpness) of a gradable photo
+               ) -> Gradability:
+    "Gradable or not: a field of view is found and the sharpness reaches `min_quality`."
+    min_quality = _checked_min_quality(min_quality)
+    report = image_quality(img)
+    if not report.field_found: return Gradability(False, 0.0, "no field")
+    if report.sharpness < min_quality:
+        return Gradability(False, report.sharpness, f"quality {report.sharpness:.2f} below {min_quality:g}")
+    return Gradability(True, report.sharpness, None)
+
+def gradability_table(paths, # image files
+                      min_quality:float=RECOMMENDED_MIN_QUALITY, # lowest quality score of a gradable photo
+                     ) -> pd.DataFrame:
+    "One row per file, in order: `gradable`, `quality` and `ungradable_reason` (None when gradable)."
+    min_quality = _checked_min_quality(min_quality)
+    rows = [gradability(read_rgb(path), min_quality) for path in map(Path, paths)]
+    return pd.DataFrame({"gradable": [r.gradable for r in rows], "quality": [r.quality for r in rows],
+                         "ungradable_reason": pd.Series([r.reason for r in rows], dtype=object)})
