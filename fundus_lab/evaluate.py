@@ -427,12 +427,12 @@ def quality_gate(df:pd.DataFrame, # canonical table of the photos (needs `path`)
     rated = df.reset_index(drop=True).assign(quality=table["quality"].to_numpy())
     ungradable = rated[~keep].assign(ungradable_reason=table["ungradable_reason"][~keep].to_numpy())
     patients = rated["patient_id"].astype(str)
+    reasons = ungradable["ungradable_reason"].map(lambda r: "no field" if r == "no field" else "quality below min_quality").value_counts()
     summary = {"min_quality": float(min_quality), "n_photos": len(df), "n_gradable": int(keep.sum()),
                "n_ungradable": int((~keep).sum()), "imageability": float(keep.mean()),
                "n_patients": int(patients.nunique()), "n_patients_gradable": int(patients[keep].nunique()),
                "patient_imageability": float(patients[keep].nunique() / patients.nunique()),
-               "reasons": {("no field" if r == "no field" else "quality below min_quality"): int(n)
-                           for r, n in ungradable["ungradable_reason"].map(lambda r: r if r == "no field" else "low").value_counts().items()}}
+               "reasons": {reason: int(n) for reason, n in reasons.items()}}
     if not keep.any():
         raise ValueError(f"None of the {len(df)} photos is gradable at --min-quality {min_quality:g}: nothing to evaluate. "
                          f"Lower the threshold (recommended {RECOMMENDED_MIN_QUALITY:g} for photos of about 512 px or more) or check the photos.")
