@@ -643,6 +643,8 @@ def report_files(metrics:dict, # the result of `evaluate_model`
             + ["classification_report.txt", "predictions.csv", "model_card.md"])
 
 # %% ../nbs/11_evaluate.ipynb #0b608381
+import json
+
 def _check_clinical_options(task:str, per_patient:bool, patient_rule:str):
     "Refuse per-patient decisions for models without DR grades, and unknown patient rules, before any work."
     if patient_rule not in PATIENT_RULES: raise ValueError(f"patient_rule must be one of {list(PATIENT_RULES)}, got {patient_rule!r}.")
