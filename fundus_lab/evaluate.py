@@ -683,7 +683,7 @@ def _run_config(model_path) -> dict|None:
 def _clinical_lines(metrics:dict) -> list[str]:
     "Report lines of the operating points, the per-patient decisions and the gradability gate, where present."
     lines, ci = [], (metrics.get("operating_points") or {}).get("ci") or {}
-    interval = lambda c, key: f" [{_number(c[key]['low'])}, {_number(c[key]['high'])}]" if key in c else ""
+    interval = lambda c, key: f"  [{_number(c[key]['low'])}, {_number(c[key]['high'])}]" if key in c else ""
     points = metrics.get("operating_points")
     if points is not None:
         lines += ["", f"operating points ({points['source']})" if points["source"] else f"operating points: none ({points['note']})"]
@@ -786,7 +786,7 @@ def model_card(metrics:dict, # the result of `evaluate_model`
               "Research and teaching: grading colour fundus photographs with a model trained by fundus-lab, and studying how such models "
               "behave. It is not a medical device and has not been validated for clinical use; no screening decision should rest on it.",
               "", "## Known limits", ""]
-    limits = [f"Evaluated on {metrics['n']} photos: " + ("intervals above show the uncertainty." if metrics["bootstrap"] else "without intervals; rerun with --bootstrap 1000.")]
+    limits = [f"Evaluated on {metrics['n']} {'gradable ' if gate else ''}photos: " + ("intervals above show the uncertainty." if metrics["bootstrap"] else "without intervals; rerun with --bootstrap 1000.")]
     if points and points["source"] and points["source"].startswith("test"): limits.append("The operating points were chosen on the test photos themselves: their sensitivity and specificity are optimistic.")
     if points and not points["points"]: limits.append("No validated operating point: the referral threshold above was chosen on these photos for its target specificity.")
     if not gate: limits.append("Image quality was not checked: poor photos were graded like good ones.")
