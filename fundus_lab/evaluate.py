@@ -30,12 +30,14 @@ from .multitask import load_any_model
 from .train import REFERABLE_HEADS, FundusDataset, Task, get_task, preprocessing_options, train_model
 
 # %% auto #0
-__all__ = ['REFERABLE_FROM', 'IDX_DR_SPECIFICITY', 'MULTILABEL_SUMMARY', 'MULTILABEL_THRESHOLD', 'HEADLINE_NAMES',
-           'SUMMARY_NAMES', 'REPORT_PATTERNS', 'predict_logits', 'predict_probs', 'predict_task_probs', 'macro_aupr',
-           'task_metrics', 'operating_point', 'referable_metrics', 'bootstrap_ci', 'metric_intervals',
-           'plot_confusion_matrix', 'plot_roc_curves', 'plot_label_confusion', 'predictions_table',
-           'resolve_model_paths', 'load_models', 'ensemble_probs', 'generalisation_gap', 'evaluate_model',
-           'report_files', 'format_metrics', 'cross_dataset_evaluation', 'cmd_evaluate']
+__all__ = ['REFERABLE_FROM', 'IDX_DR_SPECIFICITY', 'MULTILABEL_SUMMARY', 'MULTILABEL_THRESHOLD', 'OPERATING_POINTS',
+           'PATIENT_RULES', 'HEADLINE_NAMES', 'SUMMARY_NAMES', 'REPORT_PATTERNS', 'predict_logits', 'predict_probs',
+           'predict_task_probs', 'macro_aupr', 'task_metrics', 'operating_point', 'referable_metrics', 'bootstrap_ci',
+           'metric_intervals', 'plot_confusion_matrix', 'plot_roc_curves', 'plot_label_confusion', 'predictions_table',
+           'resolve_model_paths', 'load_models', 'ensemble_probs', 'generalisation_gap', 'gradability_table',
+           'quality_gate', 'saved_operating_points', 'operating_point_metrics', 'patient_level', 'per_patient_metrics',
+           'evaluate_model', 'report_files', 'model_card', 'write_model_card', 'format_metrics',
+           'cross_dataset_evaluation', 'cmd_evaluate']
 
 # %% ../nbs/11_evaluate.ipynb #1003da5d
 def _outputs(fn, df:pd.DataFrame, image_size:int, batch_size:int, num_workers:int, torch_device:torch.device,
@@ -409,6 +411,136 @@ def generalisation_gap(metrics:dict, # the metrics of `evaluate_model` on the ne
     return {"in_domain_valid": valid, "this_table": {k: here[k] for k in names},
             "gap": {k: valid[k] - here[k] for k in names}}
 
+# %% ../nbs/11_evaluate.ipynb #47ee35d7
+from .core import non_negative_float
+from .data import read_rgb
+from .preprocess import RECOMMENDED_MIN_QUALITY, Gradability, content_problem, gradability
+from .train import choose_operating_points, dr_grade_head
+
+OPERATING_POINTS = ("high_sensitivity", "high_specificity")
+PATIENT_RULES = ("max", "mean")
+
+def _gradability(photo:np.ndarray, min_quality:float, min_side:int|None) -> Gradability:
+    "`gradability`, after `content_problem` for the network input side `min_side` (when given)."
+    problem = None if min_side is None else content_problem(photo, min_side)
+    return gradability(photo, min_quality) if problem is None else Gradability(False, 0.0, problem)
+
+def gradability_table(paths, # image files
+                      min_quality:float=RECOMMENDED_MIN_QUALITY, # lowest quality score of a gradable photo
+                      min_side:int|None=None, # also mark photos with too little to grade for this network input side
+                     ) -> pd.DataFrame:
+    "One row per file, in order: `gradable`, `quality` and `ungradable_reason` (None when gradable)."
+    rows = [_gradability(read_rgb(path), min_quality, min_side) for path in map(Path, paths)]
+    return pd.DataFrame({"gradable": [r.gradable for r in rows], "quality": [r.quality for r in rows],
+                         "ungradable_reason": pd.Series([r.reason for r in rows], dtype=object)})
+
+def quality_gate(df:pd.DataFrame, # canonical table of the photos (needs `path`)
+                 min_quality:float|None, # lowest quality score of a gradable photo; None: no gate
+                 min_side:int|None=None, # also set aside photos with too little to grade for this network input side
+                ) -> tuple[pd.DataFrame, pd.DataFrame|None, dict|None]:
+    "(gradable rows, ungradable rows, summary) with a `quality` column; `(df, None, None)` without a gate."
+    if min_quality is None: return df, None, None
+    table = gradability_table(df["path"], min_quality, min_side)
+    keep = table["gradable"].to_numpy()
+    rated = df.reset_index(drop=True).assign(quality=table["quality"].to_numpy())
+    ungradable = rated[~keep].assign(ungradable_reason=table["ungradable_reason"][~keep].to_numpy())
+    patients = rated["patient_id"].astype(str)
+    reasons = ungradable["ungradable_reason"].map(lambda r: r if r == "no field" else "quality below min_quality" if r.startswith("quality") else "nothing to grade").value_counts()
+    summary = {"min_quality": float(min_quality), "n_photos": len(df), "n_gradable": int(keep.sum()),
+               "n_ungradable": int((~keep).sum()), "imageability": float(keep.mean()),
+               "n_patients": int(patients.nunique()), "n_patients_gradable": int(patients[keep].nunique()),
+               "patient_imageability": float(patients[keep].nunique() / patients.nunique()),
+               "reasons": {reason: int(n) for reason, n in reasons.items()}}
+    if not keep.any():
+        raise ValueError(f"None of the {len(df)} photos is gradable at --min-quality {min_quality:g}: nothing to evaluate. "
+                         f"Lower the threshold (recommended {RECOMMENDED_MIN_QUALITY:g} for photos of about 512 px or more) or check the photos.")
+    return rated[keep].reset_index(drop=True), ungradable.reset_index(drop=True), summary
+
+def _at_thresholds(referable:np.ndarray, scores:np.ndarray, thresholds:dict) -> dict:
+    "{NAME_sensitivity, NAME_specificity} of 'refer when score >= threshold' for each named threshold; NaN without the class."
+    values = {}
+    for name, threshold in thresholds.items():
+        values[f"{name}_sensitivity"] = float((scores[referable] >= threshold).mean()) if referable.any() else float("nan")
+        values[f"{name}_specificity"] = float((scores[~referable] < threshold).mean()) if (~referable).any() else float("nan")
+    return values
+
+def saved_operating_points(configs:list[dict], # configs of the evaluated model(s)
+                          ) -> tuple[dict, str|None]:
+    "({name: threshold} saved at training, None), or ({}, why there are none)."
+    if len(configs) > 1: return {}, "an ensemble: the points saved with each model fit its own scores, not their average"
+    record = configs[0].get("operating_points")
+    if record is None: return {}, "the model file has no saved operating points (it was written before training saved them)"
+    if "unavailable" in record: return {}, f"none were chosen at training: {record['unavailable']}"
+    return {name: float(record[name]["threshold"]) for name in OPERATING_POINTS}, None
+
+def operating_point_metrics(y_true, # DR grades 0-4, shape (n,)
+                            probs, # probabilities of the 5 grades, shape (n, 5)
+                            configs:list[dict], # configs of the evaluated model(s): where the saved points are
+                            on_test:bool=False, # without saved points, choose them on these images (optimistic)
+                            bootstrap:int=0, # bootstrap resamples for 95% intervals (0: none)
+                            seed:int=0, # seed of the bootstrap
+                            groups=None, # patient of each image (resampled by patient), or None
+                           ) -> dict:
+    "Referable-DR sensitivity and specificity per photo at the high-sensitivity and high-specificity operating points."
+    y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=np.float64)
+    referable, scores = y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1)
+    thresholds, note = saved_operating_points(configs)
+    source = "model: chosen on the validation split at training" if thresholds else None
+    if not thresholds and on_test:
+        if referable.all() or not referable.any(): note += "; these images lack referable or non-referable ones, so none were chosen on them"
+        else:
+            chosen = choose_operating_points(referable, scores)
+            thresholds, source = {name: chosen[name]["threshold"] for name in OPERATING_POINTS}, \
+                                 "test data: chosen on these images (optimistic, not a validated operating point)"
+    result = {"source": source, "points": {}}
+    if source is None: result["note"] = note + ("" if on_test else "; pass --operating-points-on-test to choose them on these images")
+    if not thresholds: return result
+    values = _at_thresholds(referable, scores, thresholds)
+    saved = configs[0].get("operating_points") or {}
+    for name, threshold in thresholds.items():
+        result["points"][name] = {"threshold": threshold, "sensitivity": values[f"{name}_sensitivity"],
+                                  "specificity": values[f"{name}_specificity"]}
+        if source.startswith("model"):
+            result["points"][name]["validation"] = {k: saved[name][k] for k in ("sensitivity", "specificity")}
+    if source.startswith("model"): result["rule"] = saved["rule"]
+    if bootstrap: result["ci"] = bootstrap_ci(lambda idx: _at_thresholds(referable[idx], scores[idx], thresholds),
+                                              len(scores), bootstrap, seed, groups)
+    return result
+
+def patient_level(predictions:pd.DataFrame, # `predictions_table` rows of a DR model: patient_id, dr, predicted_dr, referable_score
+                  rule:str="max", # 'max': referable if either eye is (worst eye); 'mean': the eyes' mean referable score
+                 ) -> pd.DataFrame:
+    "One row per patient: photos, true and predicted grade of the worse eye, referable flag and the combined referable score."
+    if rule not in PATIENT_RULES: raise ValueError(f"rule must be one of {list(PATIENT_RULES)}, got {rule!r}.")
+    missing = [c for c in ("patient_id", "dr", "predicted_dr", "referable_score") if c not in predictions.columns]
+    if missing: raise ValueError(f"patient_level needs the DR columns of predictions_table; missing {missing}.")
+    unknown = predictions["patient_id"].isna().to_numpy()
+    if unknown.any():
+        raise ValueError(f"Images {predictions['image_id'][unknown].tolist()[:10]} have no patient_id: per-patient decisions need one for every photo.")
+    grouped = predictions.assign(patient_id=predictions["patient_id"].astype(str)).groupby("patient_id", sort=True)
+    table = pd.DataFrame({"n_photos": grouped.size(), "dr": grouped["dr"].max().astype(int),
+                          "predicted_dr": grouped["predicted_dr"].max().astype(int),
+                          "referable_score": grouped["referable_score"].max() if rule == "max" else grouped["referable_score"].mean()})
+    table.insert(2, "referable", table["dr"] >= REFERABLE_FROM)
+    return table.reset_index()
+
+def per_patient_metrics(patients:pd.DataFrame, # `patient_level` result
+                        thresholds:dict, # {operating point name: referable-score threshold}
+                        bootstrap:int=0, # bootstrap resamples for 95% intervals over patients (0: none)
+                        seed:int=0, # seed of the bootstrap
+                       ) -> dict:
+    "Patient-level referable-DR AUROC and sensitivity/specificity at each threshold, with bootstrap intervals over patients."
+    referable = patients["referable"].to_numpy(bool)
+    scores = patients["referable_score"].to_numpy(np.float64)
+    values = lambda idx: {"auc": _auroc(referable[idx], scores[idx]), **_at_thresholds(referable[idx], scores[idx], thresholds)}
+    point = values(np.arange(len(patients)))
+    result = {"n_patients": len(patients), "n_referable": int(referable.sum()), "n_non_referable": int((~referable).sum()),
+              "auc": point["auc"], "operating_points": {name: {"threshold": float(t), "sensitivity": point[f"{name}_sensitivity"],
+                                                               "specificity": point[f"{name}_specificity"]} for name, t in thresholds.items()}}
+    if bootstrap:
+        with np.errstate(divide="ignore", invalid="ignore"): result["ci"] = bootstrap_ci(values, len(patients), bootstrap, seed)
+    return result
+
 # %% ../nbs/11_evaluate.ipynb #f3d64107
 def _checked_labels(df:pd.DataFrame, column:str, num_classes:int, class_names, image_size:int) -> np.ndarray:
     "The labels of `column`, refusing missing and out-of-range ones with the images named."
@@ -490,12 +622,18 @@ def evaluate_model(model_path, # best_model.pth written by training, a folder of
                    seed:int=0, # seed of the bootstrap
                    target_specificity:float=IDX_DR_SPECIFICITY, # referable DR: specificity the operating point must reach
                    referable_threshold:float|None=None, # referable DR: a threshold fixed on validation data (overrides the target)
+                   per_patient:bool=False, # DR: also decide per patient (AUROC, sensitivity, specificity over patients)
+                   patient_rule:str="max", # how a patient's eyes combine: 'max' (either eye referable) or 'mean' (mean score)
+                   min_quality:float|None=None, # gate: photos without a field or below this quality score are ungradable; None: off
+                   operating_points_on_test:bool=False, # without operating points saved in the model, choose them on this table
                   ) -> dict:
     "Evaluate saved model(s) on a labelled table; write metrics.json, the report, figures and predictions.csv; return the metrics."
     models = load_models(model_path, device=device)
     config, configs = models[0][1], [c for _, c, _ in models]
     if len(df) == 0: raise ValueError("The table to evaluate is empty.")
     task = get_task(config["task"])
+    _check_clinical_options(config, per_patient, patient_rule)
+    df, ungradable, gate = quality_gate(df, min_quality, model_image_size(config, models[0][2]))
     df = task.evaluation_table(df, config)
     groups = df["patient_id"].astype(str).to_numpy() if df["patient_id"].notna().all() else None
     labels, class_names = _evaluation_labels(task, df, config)
@@ -505,6 +643,8 @@ def evaluate_model(model_path, # best_model.pth written by training, a folder of
     else: per_head = {t: _one_task(labels[t], probs[t], class_names[t], t, target_specificity, referable_threshold,
                                    bootstrap, seed, groups) for t in probs}
     metrics = task.combine_metrics(per_head, labels, probs, class_names)
+    _clinical_metrics(metrics, per_head, labels, probs, df, configs, gate, per_patient, patient_rule, operating_points_on_test,
+                      bootstrap, seed, groups)
     gap = generalisation_gap(metrics, configs)
     if gap is not None: metrics["generalisation_gap"] = gap
     metrics.update(model_path=str(models[0][2]) if len(models) == 1 else [str(p) for _, _, p in models], task=task.name,
@@ -515,7 +655,8 @@ def evaluate_model(model_path, # best_model.pth written by training, a folder of
     _report_figures(task, per_head, labels, probs, class_names, output_dir)
     with atomic_write(output_dir/"classification_report.txt", "w") as f: f.write(_report_text(metrics, labels, probs, class_names, task.binary))
     with atomic_write(output_dir/"predictions.csv", "w") as f:
-        predictions_table(df, probs, class_names.get("multilabel")).to_csv(f, index=False)
+        _with_ungradable(predictions_table(df, probs, class_names.get("multilabel")), df, ungradable).to_csv(f, index=False)
+    write_model_card(metrics, output_dir/"model_card.md", config, _run_config(models[0][2]))
     return metrics
 
 def report_files(metrics:dict, # the result of `evaluate_model`
@@ -523,7 +664,173 @@ def report_files(metrics:dict, # the result of `evaluate_model`
     "Names of the files `evaluate_model` wrote for these metrics."
     suffixes = [f"_{t}" for t in metrics["tasks"]] if "tasks" in metrics else [""]
     return (["metrics.json"] + [f"confusion_matrix{s}.png" for s in suffixes] + [f"roc_curves{s}.png" for s in suffixes]
-            + ["classification_report.txt", "predictions.csv"])
+            + ["classification_report.txt", "predictions.csv", "model_card.md"])
+
+# %% ../nbs/11_evaluate.ipynb #0b608381
+import json
+
+def _check_clinical_options(config:dict, per_patient:bool, patient_rule:str):
+    "Refuse per-patient decisions for models without DR grades, and unknown patient rules, before any work."
+    if patient_rule not in PATIENT_RULES: raise ValueError(f"patient_rule must be one of {list(PATIENT_RULES)}, got {patient_rule!r}.")
+    if per_patient and dr_grade_head(config) is None:
+        raise ValueError(f"--per-patient decides referable DR per patient; this {config['task']!r} model has no five-grade DR head "
+                         "(use a dr or multitask model).")
+
+def _clinical_metrics(metrics:dict, per_task:dict, labels:dict, probs:dict, df:pd.DataFrame, configs:list[dict], gate:dict|None,
+                      per_patient:bool, patient_rule:str, on_test:bool, bootstrap:int, seed:int, groups):
+    "Add the DR operating points, the per-patient decisions and the gradability summary to `metrics` (in place)."
+    dr = per_task.get("dr")
+    if dr is not None and probs["dr"].shape[1] == 5:
+        dr["operating_points"] = operating_point_metrics(labels["dr"], probs["dr"], configs, on_test, bootstrap, seed, groups)
+        if per_patient:
+            thresholds = {name: p["threshold"] for name, p in dr["operating_points"]["points"].items()}
+            if dr["referable"]["threshold"] is not None: thresholds["referable"] = dr["referable"]["threshold"]
+            patients = patient_level(predictions_table(df, {"dr": probs["dr"]}), patient_rule)
+            metrics["per_patient"] = {"rule": patient_rule, **per_patient_metrics(patients, thresholds, bootstrap, seed)}
+            if gate is not None: metrics["per_patient"]["n_patients_without_gradable_photo"] = gate["n_patients"] - gate["n_patients_gradable"]
+    if gate is not None: metrics["gradability"] = gate
+
+def _with_ungradable(table:pd.DataFrame, df:pd.DataFrame, ungradable:pd.DataFrame|None) -> pd.DataFrame:
+    "The predictions table followed by the ungradable photos (ids, true labels, quality and reason; no prediction)."
+    if ungradable is None: return table
+    table = table.assign(gradable=True, quality=df["quality"].to_numpy().round(4), ungradable_reason=None)
+    rows = ungradable[[c for c in table.columns if c in ungradable.columns]].assign(gradable=False, quality=ungradable["quality"].round(4))
+    out = pd.concat([table, rows], ignore_index=True)
+    for column in [c for c in out.columns if c.startswith("predicted_")]: out[column] = out[column].astype("Int64")
+    return out
+
+def _run_config(model_path) -> dict|None:
+    "The run's config.json beside a model file written by training, or None."
+    path = Path(model_path).parent/"config.json"
+    try: return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError): return None
+
+def _clinical_lines(metrics:dict) -> list[str]:
+    "Report lines of the operating points, the per-patient decisions and the gradability gate, where present."
+    lines, ci = [], (metrics.get("operating_points") or {}).get("ci") or {}
+    interval = lambda c, key: f"  [{_number(c[key]['low'])}, {_number(c[key]['high'])}]" if key in c else ""
+    points = metrics.get("operating_points")
+    if points is not None:
+        lines += ["", f"operating points ({points['source']})" if points["source"] else f"operating points: none ({points['note']})"]
+        for name, p in points["points"].items():
+            lines.append(f"  {name.replace('_', '-'):<17} refer when score >= {_number(p['threshold'])}: sensitivity {_number(p['sensitivity'])}"
+                         f"{interval(ci, name + '_sensitivity')}, specificity {_number(p['specificity'])}{interval(ci, name + '_specificity')}")
+    patient = metrics.get("per_patient")
+    if patient is not None:
+        pci = patient.get("ci") or {}
+        lines += ["", f"per patient (rule '{patient['rule']}'; {patient['n_referable']} of {patient['n_patients']} patients referable): "
+                      f"AUROC {_number(patient['auc'])}{interval(pci, 'auc')}"]
+        lines += [f"  {name.replace('_', '-'):<17} refer when score >= {_number(p['threshold'])}: sensitivity {_number(p['sensitivity'])}"
+                  f"{interval(pci, name + '_sensitivity')}, specificity {_number(p['specificity'])}{interval(pci, name + '_specificity')}"
+                  for name, p in patient["operating_points"].items()]
+    gate = metrics.get("gradability")
+    if gate is not None:
+        lines += ["", f"gradable photos: {gate['n_gradable']} of {gate['n_photos']} at quality >= {gate['min_quality']:g} "
+                      f"(imageability {_number(gate['imageability'], 3)}; patients {_number(gate['patient_imageability'], 3)}); "
+                      f"{gate['n_ungradable']} ungradable excluded from the metrics"]
+    return lines
+
+# %% ../nbs/11_evaluate.ipynb #8099152a
+def _card_row(label:str, value, ci:dict|None=None, key:str|None=None) -> str:
+    "A row `| label | value | 95% interval |` of a model-card table."
+    interval = f"[{_number(ci[key]['low'])}, {_number(ci[key]['high'])}]" if ci and key in ci else "-"
+    return f"| {label} | {_number(value)} | {interval} |"
+
+def model_card(metrics:dict, # the result of `evaluate_model`
+               config:dict, # the config of the (first) evaluated model
+               run_config:dict|None=None, # the training run's config.json, if known
+              ) -> str:
+    "The Markdown model card of an evaluation: model, data and split, per-photo and per-patient metrics, operating points, imageability, calibration, use and limits."
+    task = metrics["task"]
+    ordered, binary = get_task(task).ordered, get_task(task).binary
+    tasks = metrics["tasks"] if "tasks" in metrics else {"multilabel" if binary else metrics["label_columns"][0]: metrics}
+    lines = [f"# Model card: {config['model_name']} ({task})", "",
+             "Written by `fundus-lab evaluate`, after model cards (Mitchell et al. 2019) and TRIPOD+AI (Collins et al. 2024): "
+             "what the model is, what it was trained and tested on, how well it did, and where it should not be used.", "",
+             "## Model", "", f"- architecture `{config['model_name']}`, task `{task}`, classes {config['class_names']}",
+             f"- input {config['image_size']} x {config['image_size']} px; preprocessing {config['preprocessing']}",
+             f"- model file(s): {metrics['model_path']}; saved epoch {config.get('epoch', 'not recorded')}", "",
+             "## Training data and split", ""]
+    if run_config:
+        lines += [f"- {run_config['n_train']} training photos of {run_config['n_train_patients']} patients; {run_config['n_valid']} validation "
+                  f"photos of {run_config['n_valid_patients']} patients, split by patient (seed {run_config.get('random_seed')})",
+                  f"- training class counts {run_config.get('train_class_counts')}; model selection by {run_config.get('selection')}"]
+    else: lines.append("- not recorded: there is no training config.json beside the model file")
+    if isinstance(config.get("valid_metrics"), dict):
+        lines.append("- validation metrics of the saved epoch: " + ", ".join(f"{k} {_number(v)}" for k, v in config["valid_metrics"].items()
+                                                                          if k in SUMMARY_NAMES and isinstance(v, (int, float))))
+    gate = metrics.get("gradability")
+    n_photos = gate["n_photos"] if gate else metrics["n"]
+    lines += ["", "## Evaluation data", "", f"- {n_photos} photos" + (f", {metrics['n']} of them gradable and scored" if gate else ""),
+              f"- test-time augmentation {metrics['tta'] or 'none'}; 95% intervals "
+              + (f"from {metrics['bootstrap']['n_boot']} bootstrap resamples of {metrics['bootstrap']['resampled']}" if metrics["bootstrap"] else "not computed")]
+    lines += ["", "## Per-photo metrics", ""]
+    for name, m in tasks.items():
+        lines += [f"{name}:", "", "| metric | value | 95% interval |", "|---|---|---|"]
+        lines += [_card_row(label, m[key], m.get("ci"), key) for key, label in SUMMARY_NAMES.items()
+                  if key in m and (ordered or key != "qwk")]
+        if m.get("referable"):
+            r = m["referable"]
+            lines += [_card_row("referable DR AUROC", r["auc"], m.get("ci"), "referable_auc"),
+                      _card_row(f"sensitivity at score >= {_number(r['threshold'])} (target specificity {r['target_specificity']:g})", r["sensitivity"], m.get("ci"), "referable_sensitivity"),
+                      _card_row(f"specificity at score >= {_number(r['threshold'])}", r["specificity"], m.get("ci"), "referable_specificity")]
+        lines.append("")
+    patient = metrics.get("per_patient")
+    lines += ["## Per-patient metrics", ""]
+    if patient:
+        lines += [f"Referable DR per patient (rule '{patient['rule']}': {'either eye referable' if patient['rule'] == 'max' else 'mean score of the eyes'}), "
+                  f"{patient['n_patients']} patients, {patient['n_referable']} referable.", "", "| metric | value | 95% interval |", "|---|---|---|",
+                  _card_row("AUROC", patient["auc"], patient.get("ci"), "auc")]
+        for name, p in patient["operating_points"].items():
+            lines += [_card_row(f"{name} sensitivity (score >= {_number(p['threshold'])})", p["sensitivity"], patient.get("ci"), f"{name}_sensitivity"),
+                      _card_row(f"{name} specificity", p["specificity"], patient.get("ci"), f"{name}_specificity")]
+    else: lines.append("Not computed: run `fundus-lab evaluate --per-patient` (DR models).")
+    points = next((m["operating_points"] for m in tasks.values() if "operating_points" in m), None)
+    lines += ["", "## Operating points", ""]
+    if points and points["points"]:
+        lines += [f"Source: {points['source']}." + (f" Rule: {points['rule']}." if points.get("rule") else ""), "",
+                  "| point | threshold | sensitivity | specificity | validation sensitivity | validation specificity |", "|---|---|---|---|---|---|"]
+        ci = points.get("ci") or {}
+        cell = lambda name, k, v: _number(v) + (f" [{_number(ci[f'{name}_{k}']['low'])}, {_number(ci[f'{name}_{k}']['high'])}]" if f"{name}_{k}" in ci else "")
+        for name, p in points["points"].items():
+            valid = p.get("validation", {})
+            lines.append(f"| {name} | {_number(p['threshold'])} | {cell(name, 'sensitivity', p['sensitivity'])} | {cell(name, 'specificity', p['specificity'])} "
+                         f"| {_number(valid.get('sensitivity'))} | {_number(valid.get('specificity'))} |")
+    elif points: lines.append(f"None: {points['note']}.")
+    else: lines.append("None: operating points are defined for referable DR (DR grading models).")
+    lines += ["", "## Imageability", ""]
+    if gate:
+        lines += [f"- gate: no field of view, or quality score below {gate['min_quality']:g}", f"- {gate['n_gradable']} of {gate['n_photos']} photos gradable: "
+                  f"imageability {_number(gate['imageability'])}; {gate['n_patients_gradable']} of {gate['n_patients']} patients with a gradable photo "
+                  f"({_number(gate['patient_imageability'])})", f"- {gate['n_ungradable']} ungradable photos excluded from every metric above "
+                  f"(reasons {gate['reasons']}); they are listed in predictions.csv without a grade"]
+    else: lines.append("Not measured: evaluated without `--min-quality`, so every photo was graded, whatever its quality.")
+    lines += ["", "## Calibration", ""]
+    lines += [f"- {name}: expected calibration error {_number(m['ece'])} (15 equal-width confidence bins)" for name, m in tasks.items() if "ece" in m] \
+             or ["- not measured for this task"]
+    lines += ["", "## Intended use", "",
+              "Research and teaching: grading colour fundus photographs with a model trained by fundus-lab, and studying how such models "
+              "behave. It is not a medical device and has not been validated for clinical use; no screening decision should rest on it.",
+              "", "## Known limits", ""]
+    limits = [f"Evaluated on {metrics['n']} {'gradable ' if gate else ''}photos: " + ("intervals above show the uncertainty." if metrics["bootstrap"] else "without intervals; rerun with --bootstrap 1000.")]
+    if points and points["source"] and points["source"].startswith("test"): limits.append("The operating points were chosen on the test photos themselves: their sensitivity and specificity are optimistic.")
+    if points and not points["points"]: limits.append("No validated operating point: the referral threshold above was chosen on these photos for its target specificity.")
+    if not gate: limits.append("Image quality was not checked: poor photos were graded like good ones.")
+    else: limits.append("The quality score falls for photos smaller than about 512 px, so the same --min-quality rejects more of them.")
+    if not patient: limits.append("Decisions are per photo; a screening programme decides per patient.")
+    if metrics.get("generalisation_gap"):
+        limits.append("Validation (in-domain) minus this table: " + ", ".join(f"{k} {_number(v)}" for k, v in metrics["generalisation_gap"]["gap"].items()) + ".")
+    limits.append("Performance on other cameras, populations and disease mixes is unknown until measured there.")
+    return "\n".join(lines + [f"- {limit}" for limit in limits]) + "\n"
+
+def write_model_card(metrics:dict, # the result of `evaluate_model`
+                     path, # the file to write, e.g. OUTPUT_DIR/model_card.md
+                     config:dict, # the config of the (first) evaluated model
+                     run_config:dict|None=None, # the training run's config.json, if known
+                    ) -> Path:
+    "Write `model_card(metrics, config, run_config)` to `path` atomically."
+    with atomic_write(path, "w") as f: f.write(model_card(_json_ready(metrics), config, run_config))
+    return Path(path)
 
 # %% ../nbs/11_evaluate.ipynb #a176dbc8
 def _number(value, digits:int=4) -> str:
@@ -548,10 +855,10 @@ def format_metrics(metrics:dict, # the result of `evaluate_model` / `classificat
     if "tasks" in metrics:
         sections = [f"== {task.upper()} ==\n" + format_metrics({**m, "n": metrics["n"]}) for task, m in metrics["tasks"].items()]
         lines = ["\n\n".join(sections + [f"{'joint accuracy (all tasks right)':<34}{_number(metrics['joint_accuracy']):>8}"])]
-        return "\n".join(lines + _gap_lines(metrics.get("generalisation_gap")))
+        return "\n".join(lines + _clinical_lines(metrics) + _gap_lines(metrics.get("generalisation_gap")))
     ci = metrics.get("ci") or {}
     interval = lambda key: f"  [{_number(ci[key]['low'])}, {_number(ci[key]['high'])}]" if key in ci else ""
-    unordered = metrics.get("task") == "disease"  # diagnoses have no order: kappa with quadratic weights means nothing
+    unordered = not get_task(metrics["task"]).ordered  # diagnoses have no order: kappa with quadratic weights means nothing
     lines = [f"{label:<26}{_number(metrics[key]):>8}{interval(key)}" for key, label in SUMMARY_NAMES.items()
              if key in metrics and not (unordered and key == "qwk")]
     lines.append(f"{'images':<26}{metrics['n']:>8}")
@@ -564,7 +871,7 @@ def format_metrics(metrics:dict, # the result of `evaluate_model` / `classificat
                   f"  refer when score >= {_number(referable['threshold'])} (target specificity {_number(referable['target_specificity'], 3)}): "
                   f"sensitivity {_number(referable['sensitivity'])}{interval('referable_sensitivity')}, "
                   f"specificity {_number(referable['specificity'])}{interval('referable_specificity')}"]
-    return "\n".join(lines + _gap_lines(metrics.get("generalisation_gap")))
+    return "\n".join(lines + _clinical_lines(metrics) + _gap_lines(metrics.get("generalisation_gap")))
 
 def _gap_lines(gap:dict|None) -> list[str]:
     "Lines of the generalisation gap table (validation in domain, this table, difference)."
@@ -584,6 +891,27 @@ def cross_dataset_evaluation(train_df:pd.DataFrame, # canonical table of the tra
     trained = train_model(train_df, save_dir, **train_kwargs)
     options = {"device": train_kwargs.get("device", "auto"), **(evaluate_kwargs or {})}
     return evaluate_model(trained["best_model_path"], test_df, Path(save_dir)/"cross_dataset", **options)
+
+# %% ../nbs/11_evaluate.ipynb #80cfe129
+def _clinical_arguments(parser:argparse.ArgumentParser):
+    "The options of per-patient decisions, the quality gate and the operating points."
+    parser.add_argument("--per-patient", action="store_true",
+                        help="DR: also decide per patient (referable when either eye is) and report patient-level AUROC, "
+                             "sensitivity and specificity (with --bootstrap: intervals over patients)")
+    parser.add_argument("--patient-rule", choices=PATIENT_RULES, default="max",
+                        help="how a patient's eyes combine: max (the worse eye) or mean (the eyes' mean referable score) (default: %(default)s)")
+    parser.add_argument("--min-quality", type=non_negative_float,
+                        help="set aside photos without a field of view or with a quality score (image_quality sharpness) "
+                             f"below this; they get no grade and the metrics are computed on the rest; {RECOMMENDED_MIN_QUALITY:g} "
+                             "is recommended for photos of about 512 px or more (default: no gate)")
+    parser.add_argument("--operating-points-on-test", action="store_true",
+                        help="when the model has no saved operating points, choose the high-sensitivity and high-specificity "
+                             "points on these images (optimistic, labelled so)")
+
+def _clinical_options(args:argparse.Namespace) -> dict:
+    "The `evaluate_model` keyword arguments of the clinical options."
+    return {"per_patient": args.per_patient, "patient_rule": args.patient_rule, "min_quality": args.min_quality,
+            "operating_points_on_test": args.operating_points_on_test}
 
 # %% ../nbs/11_evaluate.ipynb #c90ba1cb
 REPORT_PATTERNS = ("metrics.json", "classification_report.txt", "predictions.csv", "confusion_matrix*.png", "roc_curves*.png")
@@ -609,6 +937,7 @@ def _evaluate_arguments(parser:argparse.ArgumentParser):
     parser.add_argument("--referable-threshold", type=fraction,
                         help="referable DR: a threshold fixed beforehand on validation data, applied unchanged "
                              "(overrides --target-specificity)")
+    _clinical_arguments(parser)
     loader_arguments(parser, batch_size=32)
 
 @command("evaluate", "score a trained model on held-out images",
@@ -628,7 +957,14 @@ def _evaluate_arguments(parser:argparse.ArgumentParser):
 
          For a multi-label model (task multilabel, the seven ODIR-5K diseases) the metrics are macro and micro F1,
          macro AUROC, the ODIR-5K score and a per-label report at threshold 0.5; confusion_matrix.png holds one
-         2 x 2 matrix per label.""",
+         2 x 2 matrix per label.
+
+         Clinical decisions: the high-sensitivity and high-specificity referable-DR operating points saved in
+         the model at training are applied and reported (--operating-points-on-test chooses them on these
+         images when the model has none, labelled as optimistic); --per-patient adds patient-level AUROC,
+         sensitivity and specificity (a patient is referable when either eye is); --min-quality sets aside
+         ungradable photos (no field of view, or quality score below the value), reports the imageability
+         rate and scores only the gradable photos. model_card.md summarises it all.""",
          _evaluate_arguments,
          "fundus-lab evaluate --labels-csv test/labels.csv --img-dir test/images --model-path runs/aptos/best_model.pth --bootstrap 1000")
 def cmd_evaluate(args:argparse.Namespace) -> int:
@@ -640,12 +976,13 @@ def cmd_evaluate(args:argparse.Namespace) -> int:
     output_dir = args.output_dir or (args.model_path[0] if args.model_path[0].is_dir() else args.model_path[0].parent)/"evaluation"
     image_folder = args.img_dir or (args.labels_csv.parent if args.labels_csv is not None else None)
     check_outputs(output_dir, [image_folder, args.labels_csv, *paths], "--output-dir", writes=REPORT_PATTERNS)
-    df = read_checked(args, config["task"], "evaluated", min_side=image_size)
+    df = read_checked(args, config["task"], "evaluated", min_side=image_size if args.min_quality is None else None)
     check_outputs(output_dir, sorted({str(Path(p).parent) for p in df.path}), "--output-dir")
     print(f"Evaluating {len(paths)} model{'s' if len(paths) > 1 else ''} on {len(df)} images"
           + (f" with {args.tta} test-time augmentation" if args.tta else "") + " ...", flush=True)
     metrics = evaluate_model(paths, df, output_dir, batch_size=args.batch_size, num_workers=args.num_workers,
                              device=args.device, tta=args.tta, bootstrap=args.bootstrap, seed=args.seed,
-                             target_specificity=args.target_specificity, referable_threshold=args.referable_threshold)
+                             target_specificity=args.target_specificity, referable_threshold=args.referable_threshold,
+                             **_clinical_options(args))
     print(f"\n{format_metrics(metrics)}\n\nResults in {output_dir}: {', '.join(report_files(metrics))}")
     return 0

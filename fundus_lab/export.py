@@ -32,10 +32,11 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses torch.jit.script, d
 
 # %% auto #0
 __all__ = ['ONNX_INPUT', 'ONNX_OUTPUT', 'DEFAULT_OPSET', 'DEFAULT_TOLERANCE', 'METADATA_KEYS', 'CONFIG_METADATA',
-           'ExportMismatchError', 'onnx_metadata', 'supported_opsets', 'export_onnx', 'TorchClassifier',
-           'OnnxClassifier', 'load_onnx', 'load_classifier', 'prepare_input', 'output_groups', 'logits_to_probs',
-           'classifier_probs', 'list_images', 'predict_images', 'cpu_name', 'latency_table', 'gradcam_target',
-           'gradcam', 'gradcam_overlay', 'plot_gradcam', 'heat_on_lesions', 'cmd_export', 'cmd_predict']
+           'PREDICT_OPERATING_POINTS', 'ExportMismatchError', 'onnx_metadata', 'supported_opsets', 'export_onnx',
+           'TorchClassifier', 'OnnxClassifier', 'load_onnx', 'load_classifier', 'prepare_input', 'output_groups',
+           'logits_to_probs', 'classifier_probs', 'operating_point_for', 'list_images', 'predict_images', 'cpu_name',
+           'latency_table', 'gradcam_target', 'gradcam', 'gradcam_overlay', 'plot_gradcam', 'heat_on_lesions',
+           'cmd_export', 'cmd_predict']
 
 # %% ../nbs/20_export.ipynb #5840caac
 ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
@@ -213,6 +214,36 @@ def classifier_probs(classifier, # a TorchClassifier or an OnnxClassifier
     views = tta_views(torch.from_numpy(images)) if tta else [torch.from_numpy(images)]
     return np.mean([logits_to_probs(classifier(v.numpy()), classifier.config) for v in views], axis=0)
 
+# %% ../nbs/20_export.ipynb #80d3743a
+from .core import non_negative_float
+from .preprocess import gradability
+from .train import dr_grade_head
+
+PREDICT_OPERATING_POINTS = ("high_sensitivity", "high_specificity")
+
+def operating_point_for(config:dict, # the model config (from a checkpoint or an ONNX file's metadata)
+                        name:str|None=None, # 'high_sensitivity' or 'high_specificity'; None: high_sensitivity if saved
+                       ) -> dict|None:
+    "The saved referable-DR operating point `name` ({name, threshold, sensitivity, specificity} on validation), or None if none is saved."
+    if name is not None and name not in PREDICT_OPERATING_POINTS:
+        raise ValueError(f"operating_point must be one of {list(PREDICT_OPERATING_POINTS)}, got {name!r}.")
+    record = config.get("operating_points") or {}
+    dr_grades = dr_grade_head(config) is not None
+    if not dr_grades or "high_sensitivity" not in record:
+        if name is None: return None
+        why = record.get("unavailable", "it was saved before training stored them") if dr_grades else f"it is a {config['task']!r} model"
+        raise ValueError(f"The model has no saved operating points ({why}); predict without --operating-point.")
+    chosen = name or "high_sensitivity"
+    return {"name": chosen, **{k: record[chosen][k] for k in ("threshold", "sensitivity", "specificity")}}
+
+def _add_referral(table:pd.DataFrame, config:dict, point:dict|None) -> pd.DataFrame:
+    "`table` with `referable_score`, `referable` and `operating_point` columns at `point` (unchanged when None)."
+    if point is None: return table
+    prefix, names = dr_grade_head(config)
+    score = table[[f"{prefix}prob_{n}" for n in names[2:]]].to_numpy(np.float64).sum(1)  # grade 2 or worse: referable
+    return table.assign(referable_score=score, referable=np.where(score >= point["threshold"], "refer", "no referral"),
+                        operating_point=point["name"])
+
 # %% ../nbs/20_export.ipynb #9e2bf001
 def list_images(paths, # image files and/or folders of images
                ) -> list[Path]:
@@ -228,25 +259,31 @@ def list_images(paths, # image files and/or folders of images
     if not found: raise ValueError("No images given: pass image files or folders.")
     return found
 
-def _graded_inputs(files:list, config:dict) -> tuple[list, list]:
-    "(content problem or None per file, the network inputs of the files without one), each photo decoded once."
-    problems, inputs = [], []
+def _graded_inputs(files:list, config:dict, min_quality:float|None=None) -> tuple[list, list, list]:
+    "(why each file cannot be graded or None, its quality score or NaN, the network inputs of the others), each photo decoded once."
+    problems, qualities, inputs = [], [], []
     for f in files:
         photo = read_rgb(f)
-        problem = content_problem(photo, model_image_size(config, "the model"))
-        problems.append(problem)
+        problem, quality = content_problem(photo, model_image_size(config, "the model")), float("nan")
+        if problem is None and min_quality is not None:
+            grade = gradability(photo, min_quality)
+            problem, quality = grade.reason, grade.quality
+        problems.append(problem); qualities.append(quality)
         if problem is None: inputs.append(prepare_input(photo, config))
-    return problems, inputs
+    return problems, qualities, inputs
 
 def predict_images(model, # a model file (.pth or .onnx), or a TorchClassifier / OnnxClassifier
                    images, # image files and/or folders
                    tta:bool=False, # average over the four flips
                    batch_size:int=16, # images per forward pass
+                   min_quality:float|None=None, # photos without a field or below this quality score are ungradable; None: no gate
+                   operating_point:str|None=None, # DR: saved operating point for `referable`; None: high_sensitivity if saved
                   ) -> pd.DataFrame:
-    "One row per image: `image`, the predicted class (per task) and the probability of every class; photos with nothing to grade are 'ungradable', a column `problem` says why."
+    "One row per image: `image`, the predicted class (per task) and the probability of every class; photos that cannot be graded are 'ungradable', and `ungradable_reason` says why."
     classifier = model if isinstance(model, (TorchClassifier, OnnxClassifier)) else load_classifier(model)
+    point = operating_point_for(classifier.config, operating_point)
     files = list_images(images)
-    problems, inputs = _graded_inputs(files, classifier.config)
+    problems, qualities, inputs = _graded_inputs(files, classifier.config, min_quality)
     n_outputs = sum(len(names) for _, names, _ in output_groups(classifier.config))
     probs = np.full((len(files), n_outputs), np.nan, np.float32)
     graded = [i for i, p in enumerate(problems) if p is None]
@@ -262,8 +299,15 @@ def predict_images(model, # a model file (.pth or .onnx), or a TorchClassifier /
         table.loc[[p is not None for p in problems], f"{prefix}predicted"] = "ungradable"
         for k, name in enumerate(names): table[f"{prefix}prob_{name}"] = group[:, k]
         start += len(names)
-    if graded != list(range(len(files))): table["problem"] = [p or "" for p in problems]
+    table = _add_referral(table, classifier.config, point)
+    ungradable = np.array([p is not None for p in problems])
+    if "referable" in table: table.loc[ungradable, "referable"] = "ungradable"
+    if min_quality is not None or ungradable.any():
+        table["gradable"] = ~ungradable
+        if min_quality is not None: table["quality"] = qualities
+        table["ungradable_reason"] = pd.Series(problems, dtype=object)
     return table
+
 
 # %% ../nbs/20_export.ipynb #a5a4a4e6
 def cpu_name() -> str:
@@ -428,6 +472,11 @@ def _predict_arguments(parser:argparse.ArgumentParser):
     parser.add_argument("--output", type=Path, help="write the predictions to this CSV file (default: print a table)")
     parser.add_argument("--tta", action="store_true", help="average the probabilities over four flips of each image")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--min-quality", type=non_negative_float,
+                        help="report photos without a field of view or with a quality score below this as ungradable, "
+                             "without a grade (7 is recommended for photos of about 512 px or more; default: no gate)")
+    parser.add_argument("--operating-point", choices=PREDICT_OPERATING_POINTS,
+                        help="DR models: the saved operating point that decides `referable` (default: high_sensitivity)")
 
 @command("predict", "predict the classes of fundus photographs with a saved or ONNX model",
          """Predict the class of each fundus photograph with a trained model (best_model.pth) or its ONNX export.
@@ -435,7 +484,11 @@ def _predict_arguments(parser:argparse.ArgumentParser):
          model's own record). Folders are searched for images recursively.
 
          Prints one row per image with the predicted class and the probability of every class, or writes them
-         to --output as CSV (atomically). An image that cannot be read stops the command with its name.""",
+         to --output as CSV (atomically). An image that cannot be read stops the command with its name.
+
+         A DR model saved by training carries a high-sensitivity and a high-specificity operating point chosen
+         on its validation split: each photo is then marked refer / no referral at the chosen one, and the
+         command says which it used. With --min-quality, ungradable photos are listed as such, without a grade.""",
          _predict_arguments, "fundus-lab predict --model-path model.onnx photos/ --output predictions.csv")
 def cmd_predict(args:argparse.Namespace) -> int:
     "Predict with `predict_images`; print the table or write the CSV."
@@ -443,16 +496,28 @@ def cmd_predict(args:argparse.Namespace) -> int:
     try: classifier = load_classifier(args.model_path)
     except ValueError as e: raise CommandError(f"--model-path: {e}") from e
     if args.output is not None: check_outputs(args.output, [args.model_path, *args.images], "--output")
-    table = predict_images(classifier, args.images, tta=args.tta, batch_size=args.batch_size)
+    try: point = operating_point_for(classifier.config, args.operating_point)
+    except ValueError as e: raise CommandError(f"--operating-point: {e}") from e
+    table = predict_images(classifier, args.images, tta=args.tta, batch_size=args.batch_size, min_quality=args.min_quality,
+                           operating_point=args.operating_point)
     if args.output is None:
         with pd.option_context("display.max_rows", None, "display.width", 200):
             print(table.assign(image=[Path(p).name for p in table.image]).round(4).to_string(index=False))
     else:
         with atomic_write(args.output, "w") as f: table.to_csv(f, index=False)
         print(f"Wrote predictions for {len(table)} images to {args.output}")
-    ungradable = table[table.problem != ""] if "problem" in table.columns else table.iloc[:0]
+    print(_decision_note(point, table))
+    return 0
+
+def _decision_note(point:dict|None, table:pd.DataFrame) -> str:
+    "What decided `referable`, and which photos were not graded (the first 20) and why."
+    note = ("No operating points are saved in the model: no referral decision." if point is None else
+            f"Referable DR: refer when P(grade >= 2) >= {point['threshold']:.4f}, the {point['name'].replace('_', '-')} operating point "
+            f"(on the validation split: sensitivity {point['sensitivity']:.3f}, specificity {point['specificity']:.3f}).")
+    ungradable = table[~table.gradable.astype(bool)] if "gradable" in table else table.iloc[:0]
     if len(ungradable):
-        print(f"{len(ungradable)} photo(s) not graded (predicted 'ungradable'):\n" +
-              "\n".join(f"  {image}: {problem}" for image, problem in zip(ungradable.image[:20], ungradable.problem[:20]))
-              + (f"\n  ... and {len(ungradable) - 20} more" if len(ungradable) > 20 else ""))
+        note += (f"\n{len(ungradable)} of {len(table)} photos ungradable: not graded (predicted 'ungradable'):\n"
+                 + "\n".join(f"  {image}: {reason}" for image, reason in zip(ungradable.image[:20], ungradable.ungradable_reason[:20]))
+                 + (f"\n  ... and {len(ungradable) - 20} more" if len(ungradable) > 20 else ""))
+    return note
     return 0

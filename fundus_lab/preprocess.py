@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 
 # %% auto #0
-__all__ = ['FundusNotFoundError', 'FieldOfView', 'detect_field', 'fundus_box', 'crop_to_fundus', 'pad_to_square',
-           'prepare_fundus', 'ben_graham', 'clahe_lightness', 'green_contrast', 'QualityReport', 'image_quality',
-           'content_problem']
+__all__ = ['RECOMMENDED_MIN_QUALITY', 'FundusNotFoundError', 'FieldOfView', 'detect_field', 'fundus_box', 'crop_to_fundus',
+           'pad_to_square', 'prepare_fundus', 'ben_graham', 'clahe_lightness', 'green_contrast', 'QualityReport',
+           'image_quality', 'content_problem', 'Gradability', 'gradability']
 
 # %% ../nbs/03_preprocess.ipynb #189e32a7
 class FundusNotFoundError(ValueError):
@@ -283,3 +283,30 @@ def content_problem(img:np.ndarray, # H x W x 3 uint8 RGB photo, as `read_rgb` r
     if area < needed:
         return f"too few field-of-view pixels: the field covers {area:.0f} pixels, fewer than the {needed:.0f} a {min_side}-pixel input needs"
     return None
+
+# %% ../nbs/03_preprocess.ipynb #fe8bd38c
+RECOMMENDED_MIN_QUALITY = 7.0  # for photos whose field is at least about 512 px across; see below
+
+@dataclass(frozen=True)
+class Gradability:
+    "Whether a photo can be graded, its quality score (the sharpness of `image_quality`) and why not."
+    gradable:bool # a field of view was found and the score reaches min_quality
+    quality:float # the sharpness of `image_quality`; 0 when no field was found
+    reason:str|None # None, 'no field', or 'quality Q below MIN'
+
+def _checked_min_quality(min_quality) -> float:
+    if isinstance(min_quality, bool) or not isinstance(min_quality, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(min_quality) or min_quality < 0:
+        raise ValueError(f"min_quality must be a number >= 0 (the lowest image_quality sharpness of a gradable photo), got {min_quality!r}.")
+    return float(min_quality)
+
+def gradability(img:np.ndarray, # H x W x 3 uint8 RGB fundus photo
+                min_quality:float=RECOMMENDED_MIN_QUALITY, # lowest quality score (sharpness) of a gradable photo
+               ) -> Gradability:
+    "Gradable or not: a field of view is found and the sharpness reaches `min_quality`."
+    min_quality = _checked_min_quality(min_quality)
+    report = image_quality(img)
+    if not report.field_found: return Gradability(False, 0.0, "no field")
+    if report.sharpness < min_quality:
+        return Gradability(False, report.sharpness, f"quality {report.sharpness:.2f} below {min_quality:g}")
+    return Gradability(True, report.sharpness, None)

@@ -50,13 +50,14 @@ from .multitask import (LOG_VAR_LR_MULT, MultiTaskClassifier, TaskLossTracker, m
 from .preprocess import clahe_lightness, prepare_fundus
 
 # %% auto #0
-__all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES',
-           'REFERABLE_HEADS', 'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR', 'SCHEDULES', 'UNFREEZE_MODES', 'CONFIG_GROUPS',
-           'RESUME_MAY_DIFFER', 'FundusDataset', 'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback',
-           'plot_history', 'save_figure', 'cosine_warmup_schedule', 'cosine_scheduler', 'world_size', 'is_main_process',
-           'distributed_context', 'Task', 'DRTask', 'DMETask', 'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask',
-           'register_task', 'get_task', 'trainable_tasks', 'option', 'TrainConfig', 'config_fields', 'config_key',
-           'check_option', 'config_arguments', 'LossScheduleCallback', 'input_size_kwargs', 'train_model']
+__all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'HIGH_SENSITIVITY', 'HIGH_SPECIFICITY', 'OPERATING_RULE',
+           'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES', 'REFERABLE_HEADS', 'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR',
+           'SCHEDULES', 'UNFREEZE_MODES', 'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'FundusDataset', 'make_dataloaders',
+           'preprocessing_options', 'TrainingRunCallback', 'plot_history', 'save_figure', 'choose_operating_points',
+           'dr_grade_head', 'add_operating_points', 'cosine_warmup_schedule', 'cosine_scheduler', 'world_size',
+           'is_main_process', 'distributed_context', 'Task', 'DRTask', 'DMETask', 'DiseaseTask', 'MultiTaskTask',
+           'MultiLabelTask', 'register_task', 'get_task', 'trainable_tasks', 'option', 'TrainConfig', 'config_fields',
+           'config_key', 'check_option', 'config_arguments', 'LossScheduleCallback', 'input_size_kwargs', 'train_model']
 
 # %% ../nbs/08_train.ipynb #2c2cd1a5
 class FundusDataset(Dataset):
@@ -326,6 +327,82 @@ def save_figure(fig:plt.Figure, # the figure to write
     plt.close(fig)
     return Path(path)
 
+# %% ../nbs/08_train.ipynb #d13d116c
+from sklearn.metrics import roc_curve
+
+from .multitask import load_any_model
+
+HIGH_SENSITIVITY = 0.90  # the high-sensitivity operating point reaches at least this sensitivity
+HIGH_SPECIFICITY = 0.907  # the high-specificity one at least this specificity (IDx-DR pivotal trial, Abramoff et al. 2018)
+OPERATING_RULE = ("refer when P(grade >= 2) >= threshold; high_sensitivity: the highest threshold with validation "
+                  "sensitivity >= {sensitivity}; high_specificity: the lowest threshold with validation specificity >= {specificity}")
+
+def choose_operating_points(positive, # 1 = referable, shape (n,)
+                            scores, # referable score (higher = more likely referable), shape (n,)
+                            min_sensitivity:float=HIGH_SENSITIVITY, # the high-sensitivity point reaches at least this
+                            min_specificity:float=HIGH_SPECIFICITY, # the high-specificity point reaches at least this
+                           ) -> dict:
+    "{'high_sensitivity', 'high_specificity'}: threshold, target, sensitivity and specificity of 'refer when score >= threshold'."
+    positive, scores = np.asarray(positive).astype(bool), np.asarray(scores, dtype=float)
+    if positive.all() or not positive.any():
+        raise ValueError("choose_operating_points needs referable and non-referable images to measure sensitivity and specificity.")
+    for name, value in (("min_sensitivity", min_sensitivity), ("min_specificity", min_specificity)):
+        if not 0 < value < 1: raise ValueError(f"{name} must be in (0, 1), got {value}.")
+    fpr, tpr, thresholds = roc_curve(positive, scores, drop_intermediate=False)  # thresholds fall, fpr and tpr grow
+    chosen = {"high_sensitivity": (np.flatnonzero(tpr >= min_sensitivity - 1e-12).min(), {"sensitivity": float(min_sensitivity)}),
+              "high_specificity": (np.flatnonzero(1 - fpr >= min_specificity - 1e-12).max(), {"specificity": float(min_specificity)})}
+    points = {}
+    for name, (k, target) in chosen.items():
+        threshold = float(thresholds[k]) if np.isfinite(thresholds[k]) else float(np.nextafter(scores.max(), np.inf))
+        refer = scores >= threshold
+        points[name] = {"threshold": threshold, "target": target, "sensitivity": float(refer[positive].mean()),
+                        "specificity": float((~refer[~positive]).mean())}
+    return points
+
+def dr_grade_head(config:dict, # a model config
+                 ) -> tuple[str, list[str]]|None:
+    "(output prefix, class names) of the model's five-grade DR head; None when it has none (no referral decision)."
+    if get_task(config["task"]).one_head:
+        names = list(config["class_names"])
+        return ("", names) if list(config["label_columns"]) == ["dr"] and len(names) == 5 else None
+    names = config["class_names"].get("dr")
+    return ("dr_", list(names)) if names is not None and len(names) == 5 else None
+
+def add_operating_points(model_path, # best_model.pth written by training
+                         valid_loader, # DataLoader of the validation split: (images, labels) batches as in training
+                         device:str|torch.device="cpu", # where to run the model
+                         min_sensitivity:float=HIGH_SENSITIVITY, # target of the high-sensitivity point
+                         min_specificity:float=HIGH_SPECIFICITY, # target of the high-specificity point
+                        ) -> dict|None:
+    "Choose both referable-DR operating points on the validation split and store them in the model file's config; None for other tasks."
+    model, config = load_any_model(model_path, device=str(device))
+    head = dr_grade_head(config)
+    if head is None: return None
+    dr_column = list(config["label_columns"]).index("dr")
+    grades, scores = [], []
+    with torch.inference_mode():
+        for images, labels in valid_loader:
+            logits = model(images.to(device)).float()
+            if head[0]: logits = model.split_logits(logits)["dr"]
+            scores.append(logits.softmax(1)[:, 2:].sum(1).cpu().numpy())  # grade 2 (moderate) or worse: referable
+            grades.append(labels.reshape(len(labels), -1)[:, dr_column].cpu().numpy())
+    referable, scores = np.concatenate(grades).astype(int) >= 2, np.concatenate(scores)
+    record = {"rule": OPERATING_RULE.format(sensitivity=min_sensitivity, specificity=min_specificity),
+              "chosen_on": "validation split", "n_images": int(len(scores)), "n_referable": int(referable.sum()),
+              "n_non_referable": int((~referable).sum())}
+    if referable.all() or not referable.any():
+        record["unavailable"] = "the validation split has no referable or no non-referable image"
+    else: record.update(choose_operating_points(referable, scores, min_sensitivity, min_specificity))
+    save_any_model(model_path, model, {**config, "operating_points": record})
+    return record
+
+def _operating_line(record:dict) -> str:
+    "One printed line on the operating points chosen at the end of training."
+    if "unavailable" in record: return f"Operating points: none ({record['unavailable']})."
+    return "Operating points (validation): " + "; ".join(
+        f"{name.replace('_', '-')} refer at >= {p['threshold']:.4f} (sensitivity {p['sensitivity']:.3f}, specificity {p['specificity']:.3f})"
+        for name, p in record.items() if name in ("high_sensitivity", "high_specificity"))
+
 # %% ../nbs/08_train.ipynb #f7780edb
 def cosine_warmup_schedule(lr_max, # peak learning rate (or an array: one per parameter group)
                            eta_min:float=0.0, # learning rate at the end
@@ -409,6 +486,7 @@ class Task:
     selection:str = "validation qwk" # that choice in words, for config.json
     headline:str = "qwk" # the metric named in the evaluation figures' titles
     one_head:bool = True # one backbone, one head: gradual unfreezing and LoRA apply
+    ordered:bool = True # the classes are ordered grades, so quadratic weighted kappa means something
 
     def prepare(self, df:pd.DataFrame, valid_df:pd.DataFrame|None) -> tuple:
         "The training and validation tables with the task's label columns, and facts learned from them (e.g. its classes)."
@@ -496,7 +574,7 @@ class DMETask(Task):
 
 class DiseaseTask(Task):
     "One diagnosis per photo among the ODIR codes present in the training data; the best validation macro-F1 is kept."
-    name, monitor, selection, headline = "disease", "macro_f1", "validation macro_f1", "macro_f1"
+    name, monitor, selection, headline, ordered = "disease", "macro_f1", "validation macro_f1", "macro_f1", False
     def prepare(self, df, valid_df):
         codes = disease_classes(df if valid_df is None else pd.concat([df, valid_df]))
         with_label = lambda frame: None if frame is None else frame.assign(disease=disease_labels(frame, codes))
@@ -879,16 +957,19 @@ def _announce(task:Task, c:TrainConfig, run_config:dict, device, precision:str, 
     task.describe_data(class_counts, loss, run_config["loss_params"], names)
     if saved is not None: print(f"Resuming from {c.resume}: {saved['epochs_done']} of {run_config['total_epochs']} epochs done.")
 
-def _finish(task:Task, c:TrainConfig, save_dir:Path, saver:TrainingRunCallback) -> dict:
-    "Draw the curves, say where the results are and return them."
+def _finish(task:Task, c:TrainConfig, save_dir:Path, saver:TrainingRunCallback, valid_loader, device) -> dict:
+    "Draw the curves, choose the referral operating points on the validation split, say where the results are and return them."
     curves_path = save_dir/"training_curves.png"
     if is_main_process(): save_figure(plot_history(saver.history, f"{c.model_name} ({task.name})"), curves_path)
+    operating = add_operating_points(saver.model_path, valid_loader, device) if is_main_process() else None
     best = saver.best_record
     print(f"Best epoch {best['epoch']}: {task.best_summary(best)}.\n"
           f"Model: {saver.model_path}\nHistory: {saver.history_path}\nRun config: {save_dir/'config.json'}")
+    if operating: print(_operating_line(operating))
     return {"best_model_path": str(saver.model_path), "history_path": str(saver.history_path),
             "config_path": str(save_dir/"config.json"), "curves_path": str(curves_path),
-            "last_checkpoint_path": str(saver.last_path), "best_metrics": best, "epochs_run": len(saver.history)}
+            "last_checkpoint_path": str(saver.last_path), "best_metrics": best, "epochs_run": len(saver.history),
+            "operating_points": operating}
 
 def train_model(df:pd.DataFrame, # canonical table of the training images (validation is split off by patient)
                 save_dir, # folder for the models, checkpoints, training_history.json, training_curves.png, config.json
@@ -934,4 +1015,4 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
                               saver, backbone_splitter if c.unfreeze == "gradual" else None)
     _announce(task, c, run_config, device, precision, loss, task.class_names(classes, facts), saved, class_counts)
     _fit_stages(learn, task, c, stages, saver, saved)
-    return _finish(task, c, save_dir, saver)
+    return _finish(task, c, save_dir, saver, dls.valid, device)

@@ -198,5 +198,5 @@ def test_white_photo_in_predict_is_flagged_not_graded(run_cli, dr_dataset, model
     result = run_cli("predict", "--model-path", model, tmp_path/"white.png", first_photo(dr_dataset), "--output", tmp_path/"p.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(tmp_path/"p.csv")
-    assert table.predicted[0] == "ungradable" and "white" in table.problem[0]
+    assert table.predicted[0] == "ungradable" and "white" in table.ungradable_reason[0]
     assert table.predicted[1] != "ungradable"

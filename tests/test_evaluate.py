@@ -124,7 +124,7 @@ def test_evaluate_command_writes_every_report(model_file, dr_dataset, tmp_path, 
                  "--model-path", str(model_file), "--output-dir", str(out_dir), "--batch-size", "8", "--device", "cpu",
                  "--tta", "flips", "--bootstrap", "20", "--seed", "1", "--target-specificity", "0.8"]) == 0
     assert sorted(p.name for p in out_dir.iterdir()) == ["classification_report.txt", "confusion_matrix.png",
-                                                          "metrics.json", "predictions.csv", "roc_curves.png"]
+                                                          "metrics.json", "model_card.md", "predictions.csv", "roc_curves.png"]
     metrics = json.loads((out_dir/"metrics.json").read_text())
     assert {"accuracy", "qwk", "macro_f1", "auc_macro", "aupr_macro", "ece", "referable", "ci"} <= set(metrics)
     assert metrics["referable"]["target_specificity"] == 0.8 and metrics["tta"] == "flips"
