@@ -736,6 +736,28 @@ def _card_row(label:str, value, ci:dict|None=None, key:str|None=None) -> str:
     interval = f"[{_number(ci[key]['low'])}, {_number(ci[key]['high'])}]" if ci and key in ci else "-"
     return f"| {label} | {_number(value)} | {interval} |"
 
+def _card_imageability(gate:dict|None) -> list[str]:
+    "The model card's imageability lines."
+    if gate:
+        return [f"- gate: no field of view, or quality score below {gate['min_quality']:g}", f"- {gate['n_gradable']} of {gate['n_photos']} photos gradable: "
+                  f"imageability {_number(gate['imageability'])}; {gate['n_patients_gradable']} of {gate['n_patients']} patients with a gradable photo "
+                  f"({_number(gate['patient_imageability'])})", f"- {gate['n_ungradable']} ungradable photos excluded from every metric above "
+                  f"(reasons {gate['reasons']}); they are listed in predictions.csv without a grade"]
+    return ["Not measured: evaluated without `--min-quality`, so every photo was graded, whatever its quality."]
+
+def _card_limits(metrics:dict, points:dict|None, gate:dict|None, patient:dict|None) -> list[str]:
+    "The model card's known limits of this evaluation."
+    limits = [f"Evaluated on {metrics['n']} {'gradable ' if gate else ''}photos: " + ("intervals above show the uncertainty." if metrics["bootstrap"] else "without intervals; rerun with --bootstrap 1000.")]
+    if points and points["source"] and points["source"].startswith("test"): limits.append("The operating points were chosen on the test photos themselves: their sensitivity and specificity are optimistic.")
+    if points and not points["points"]: limits.append("No validated operating point: the referral threshold above was chosen on these photos for its target specificity.")
+    if not gate: limits.append("Image quality was not checked: poor photos were graded like good ones.")
+    else: limits.append("The quality score falls for photos smaller than about 512 px, so the same --min-quality rejects more of them.")
+    if not patient: limits.append("Decisions are per photo; a screening programme decides per patient.")
+    if metrics.get("generalisation_gap"):
+        limits.append("Validation (in-domain) minus this table: " + ", ".join(f"{k} {_number(v)}" for k, v in metrics["generalisation_gap"]["gap"].items()) + ".")
+    limits.append("Performance on other cameras, populations and disease mixes is unknown until measured there.")
+    return limits
+
 def model_card(metrics:dict, # the result of `evaluate_model`
                config:dict, # the config of the (first) evaluated model
                run_config:dict|None=None, # the training run's config.json, if known
@@ -798,13 +820,7 @@ def model_card(metrics:dict, # the result of `evaluate_model`
                          f"| {_number(valid.get('sensitivity'))} | {_number(valid.get('specificity'))} |")
     elif points: lines.append(f"None: {points['note']}.")
     else: lines.append("None: operating points are defined for referable DR (DR grading models).")
-    lines += ["", "## Imageability", ""]
-    if gate:
-        lines += [f"- gate: no field of view, or quality score below {gate['min_quality']:g}", f"- {gate['n_gradable']} of {gate['n_photos']} photos gradable: "
-                  f"imageability {_number(gate['imageability'])}; {gate['n_patients_gradable']} of {gate['n_patients']} patients with a gradable photo "
-                  f"({_number(gate['patient_imageability'])})", f"- {gate['n_ungradable']} ungradable photos excluded from every metric above "
-                  f"(reasons {gate['reasons']}); they are listed in predictions.csv without a grade"]
-    else: lines.append("Not measured: evaluated without `--min-quality`, so every photo was graded, whatever its quality.")
+    lines += ["", "## Imageability", "", *_card_imageability(gate)]
     lines += ["", "## Calibration", ""]
     lines += [f"- {name}: expected calibration error {_number(m['ece'])} (15 equal-width confidence bins)" for name, m in tasks.items() if "ece" in m] \
              or ["- not measured for this task"]
@@ -812,16 +828,7 @@ def model_card(metrics:dict, # the result of `evaluate_model`
               "Research and teaching: grading colour fundus photographs with a model trained by fundus-lab, and studying how such models "
               "behave. It is not a medical device and has not been validated for clinical use; no screening decision should rest on it.",
               "", "## Known limits", ""]
-    limits = [f"Evaluated on {metrics['n']} {'gradable ' if gate else ''}photos: " + ("intervals above show the uncertainty." if metrics["bootstrap"] else "without intervals; rerun with --bootstrap 1000.")]
-    if points and points["source"] and points["source"].startswith("test"): limits.append("The operating points were chosen on the test photos themselves: their sensitivity and specificity are optimistic.")
-    if points and not points["points"]: limits.append("No validated operating point: the referral threshold above was chosen on these photos for its target specificity.")
-    if not gate: limits.append("Image quality was not checked: poor photos were graded like good ones.")
-    else: limits.append("The quality score falls for photos smaller than about 512 px, so the same --min-quality rejects more of them.")
-    if not patient: limits.append("Decisions are per photo; a screening programme decides per patient.")
-    if metrics.get("generalisation_gap"):
-        limits.append("Validation (in-domain) minus this table: " + ", ".join(f"{k} {_number(v)}" for k, v in metrics["generalisation_gap"]["gap"].items()) + ".")
-    limits.append("Performance on other cameras, populations and disease mixes is unknown until measured there.")
-    return "\n".join(lines + [f"- {limit}" for limit in limits]) + "\n"
+    return "\n".join(lines + [f"- {limit}" for limit in _card_limits(metrics, points, gate, patient)]) + "\n"
 
 def write_model_card(metrics:dict, # the result of `evaluate_model`
                      path, # the file to write, e.g. OUTPUT_DIR/model_card.md
