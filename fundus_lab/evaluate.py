@@ -865,7 +865,7 @@ def format_metrics(metrics:dict, # the result of `evaluate_model` / `classificat
         return "\n".join(lines + _clinical_lines(metrics) + _gap_lines(metrics.get("generalisation_gap")))
     ci = metrics.get("ci") or {}
     interval = lambda key: f"  [{_number(ci[key]['low'])}, {_number(ci[key]['high'])}]" if key in ci else ""
-    unordered = not get_task(metrics["task"]).ordered  # diagnoses have no order: kappa with quadratic weights means nothing
+    unordered = "task" in metrics and not get_task(metrics["task"]).ordered  # diagnoses have no order: kappa with quadratic weights means nothing
     lines = [f"{label:<26}{_number(metrics[key]):>8}{interval(key)}" for key, label in SUMMARY_NAMES.items()
              if key in metrics and not (unordered and key == "qwk")]
     lines.append(f"{'images':<26}{metrics['n']:>8}")

@@ -164,7 +164,7 @@ def test_predict_flags_a_one_pixel_photo(trained, dr_dataset, tmp_path, capsys):
     assert main(["predict", "--model-path", trained/"best_model.pth", tmp_path/"dot.png", photo, "--output", tmp_path/"p.csv"]) == 0
     table = pd.read_csv(tmp_path/"p.csv", keep_default_na=False)
     assert table.predicted.tolist()[0] == "ungradable" and table.predicted.tolist()[1] != "ungradable"
-    assert table.ungradable_reason[0].startswith("too small: 1x1 pixels") and table.ungradable_reason[1] is None
+    assert table.ungradable_reason[0].startswith("too small: 1x1 pixels") and table.ungradable_reason[1] == ""
     assert table.filter(like="prob_").iloc[0].eq("").all()
     assert "1 photo(s) not graded" in capsys.readouterr().out
 
