@@ -910,6 +910,7 @@ def _check_resume(saved:dict, run_config:dict, path):
 SMOOTHED_LOSSES = ("ce", "weighted_ce")  # the losses label smoothing applies to
 
 def _is_vit(model_name:str) -> bool:
+    "Whether the timm model `model_name` is a `VisionTransformer` (built without weights)."
     with torch.device("meta"): return isinstance(timm.create_model(model_name, pretrained=False, num_classes=0), VisionTransformer)
 
 def check_recipe_options(task:Task, # the run's task

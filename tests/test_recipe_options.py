@@ -2,7 +2,6 @@
 import json, re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback
@@ -137,3 +136,12 @@ def test_retfound_weights_of_another_layout_are_refused(tmp_path):
         build_model(get_task("dr"), c, {"dr": 5}, {})
     with pytest.raises(ValueError, match="needs a ViT backbone"):
         train_model(None, tmp_path, **{**TINY, "model_name": "test_efficientnet"}, retfound_weights=checkpoint)
+
+
+def test_multitask_takes_label_smoothing_and_drop_path(tmp_path):
+    mt = read_dataset(write_dataset("multitask", tmp_path/"mt", n=16, size=48, seed=0))
+    result = train_model(mt, tmp_path/"run", task="multitask", model_name="test_convnext", **TINY, label_smoothing=0.1,
+                         drop_path=0.1)
+    model, config = load_any_model(result["best_model_path"])
+    assert config["timm_kwargs"] == {"drop_path_rate": 0.1}
+    assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == pytest.approx(0.1)
