@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as safetensors_load_file, save as safetensors_save
@@ -22,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
-from .core import atomic_write, get_device, set_seed, torch_save_atomic
+from .core import PACKAGE_DIR, atomic_write, get_device, set_seed, torch_save_atomic
 from .lora import vit_lora_trainable_count
 from .models import resolve_alias
 
@@ -333,8 +334,7 @@ def layer_decay_hypers(model:nn.Module, # the model given to the Learner
 def retfound_recipe(batch_size:int|None=None, # another batch size; lr is rescaled by retfound_lr. None: the recipe's 24
                    ) -> dict:
     "The training options of the packaged recipe `retfound.yaml`, lr = retfound_lr(RETFOUND_BLR, batch_size)."
-    from fundus_lab.experiments import load_training_config
-    options = load_training_config("retfound")
+    options = yaml.safe_load((PACKAGE_DIR/"configs"/"retfound.yaml").read_text())  # not load_training_config: its module imports this one
     batch_size = options["batch_size"] if batch_size is None else batch_size
     return {**options, "batch_size": batch_size, "lr": retfound_lr(RETFOUND_BLR, batch_size)}
 

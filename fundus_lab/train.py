@@ -16,6 +16,8 @@ import pandas as pd
 import timm
 import torch
 from fastcore.foundation import L
+from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in torch 2.14 and pandas 3
@@ -48,16 +50,20 @@ from .multilabel import fastai_multilabel_metrics
 from .multitask import (LOG_VAR_LR_MULT, MultiTaskClassifier, TaskLossTracker, multitask_learner,
                                   multitask_metrics, save_any_model, selection_score)
 from .preprocess import clahe_lightness, prepare_fundus
+from .retfound import (RETFOUND_LAYOUTS, CheckpointError, layer_decay_hypers, layer_decay_splitter,
+                                 load_retfound_model)
 
 # %% auto #0
 __all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'HIGH_SENSITIVITY', 'HIGH_SPECIFICITY', 'OPERATING_RULE',
            'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES', 'REFERABLE_HEADS', 'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR',
-           'SCHEDULES', 'UNFREEZE_MODES', 'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'FundusDataset', 'make_dataloaders',
-           'preprocessing_options', 'TrainingRunCallback', 'plot_history', 'save_figure', 'choose_operating_points',
-           'dr_grade_head', 'add_operating_points', 'cosine_warmup_schedule', 'cosine_scheduler', 'world_size',
-           'is_main_process', 'distributed_context', 'Task', 'DRTask', 'DMETask', 'DiseaseTask', 'MultiTaskTask',
-           'MultiLabelTask', 'register_task', 'get_task', 'trainable_tasks', 'option', 'TrainConfig', 'config_fields',
-           'config_key', 'check_option', 'config_arguments', 'LossScheduleCallback', 'input_size_kwargs', 'train_model']
+           'SCHEDULES', 'UNFREEZE_MODES', 'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES', 'FundusDataset',
+           'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback', 'plot_history', 'save_figure',
+           'choose_operating_points', 'dr_grade_head', 'add_operating_points', 'cosine_warmup_schedule',
+           'cosine_scheduler', 'world_size', 'is_main_process', 'distributed_context', 'Task', 'DRTask', 'DMETask',
+           'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask', 'register_task', 'get_task', 'trainable_tasks', 'option',
+           'TrainConfig', 'config_fields', 'config_key', 'check_option', 'config_arguments', 'LossScheduleCallback',
+           'input_size_kwargs', 'check_recipe_options', 'drop_path_kwargs', 'training_losses', 'load_retfound_backbone',
+           'build_model', 'set_stage_rates', 'train_model']
 
 # %% ../nbs/08_train.ipynb #2c2cd1a5
 class FundusDataset(Dataset):
@@ -514,9 +520,10 @@ class Task:
         return {"model_name": model_name, "num_classes": classes[column], "class_names": self.class_names(classes, facts)[column],
                 "task": self.name, "label_columns": list(classes), "timm_kwargs": timm_kwargs}
 
-    def make_model(self, model_name:str, classes:dict, pretrained:bool, dropout:float, image_size:int, facts:dict) -> tuple:
-        "(the network, its model config): a `DRClassifier` with one output per class."
-        timm_kwargs = input_size_kwargs(model_name, image_size)
+    def make_model(self, model_name:str, classes:dict, pretrained:bool, dropout:float, image_size:int, facts:dict,
+                   **timm_options) -> tuple:
+        "(the network, its model config): a `DRClassifier` with one output per class; `timm_options` go to timm (e.g. drop_path_rate)."
+        timm_kwargs = {**input_size_kwargs(model_name, image_size), **timm_options}
         config = self.model_config(model_name, classes, facts, timm_kwargs)
         return DRClassifier(model_name, num_classes=config["num_classes"], pretrained=pretrained, dropout=dropout, **timm_kwargs), config
 
@@ -597,10 +604,10 @@ class MultiTaskTask(Task):
         if num_classes is not None:
             raise ValueError(f"The multi-task model has 5 DR grades and 3 DME grades; leave num_classes out (got {num_classes}).")
         return {"dr": len(DR_GRADES), "dme": len(DME_GRADES)}
-    def make_model(self, model_name, classes, pretrained, dropout, image_size, facts):
-        model = MultiTaskClassifier(model_name, classes, pretrained=pretrained, dropout=dropout)
+    def make_model(self, model_name, classes, pretrained, dropout, image_size, facts, **timm_options):
+        model = MultiTaskClassifier(model_name, classes, pretrained=pretrained, dropout=dropout, **timm_options)
         return model, {"model_name": model_name, "num_classes": dict(classes), "class_names": self.class_names(classes, facts),
-                       "task": self.name, "label_columns": list(classes), "timm_kwargs": {},
+                       "task": self.name, "label_columns": list(classes), "timm_kwargs": dict(timm_options),
                        "uncertainty": {"kinds": model.uncertainty.kinds, "non_negative": model.uncertainty.non_negative}}
     def make_learner(self, dls, model, losses, classes, lr, weight_decay, path, cbs, saver, splitter=None):
         tracker = TaskLossTracker()
@@ -698,6 +705,11 @@ class TrainConfig:
     image_size: int = option(224, "side of the square network input in pixels", "model", positive_int)
     resume: str|None = option(None, "continue an interrupted run from its last_checkpoint.pth (or a checkpoint_epoch_N.pth); "
                               "the other options must match that run's", "model", Path)
+    drop_path: float|None = option(None, "stochastic depth rate of the backbone's last block (timm drop_path_rate, linear "
+                                   "in depth; RETFound: 0.2); none: timm's default", "model", probability)
+    retfound_weights: str|None = option(None, "start the ViT backbone from a RETFound checkpoint (MAE or DINOv2 release, "
+                                        ".pth or .safetensors; --model-name names its layout, e.g. vit_large_patch16_224), "
+                                        "pooling the patch tokens as RETFound does; --pretrained is then ignored", "model", Path)
     lora_r: int|None = option(None, "rank of LoRA adapters on the qkv layers of a ViT backbone; none: full fine-tuning",
                               "model", positive_int)
     lora_alpha: float = option(16.0, "LoRA scaling numerator alpha (the update is scaled by alpha / r)", "model", positive_float)
@@ -719,6 +731,8 @@ class TrainConfig:
     eta_min: float = option(0.0, "lowest learning rate of the cosine schedule", "training schedule", non_negative_float)
     grad_clip: float|None = option(None, "clip the gradient norm to this value; none: no clipping", "training schedule",
                                    positive_float)
+    layer_decay: float|None = option(None, "layer-wise learning-rate decay of a ViT backbone: block k below the head "
+                                     "trains at lr x decay^k (RETFound: 0.65); none: one rate", "training schedule", fraction)
     unfreeze: str = option("none", "none = the whole network trains at once; gradual = the backbone is unfrozen from the "
                            "top in four phases", "training schedule", choices=UNFREEZE_MODES)
     patience: int|None = option(None, "stop after this many epochs without improvement of the validation metric; 0 or "
@@ -738,6 +752,8 @@ class TrainConfig:
                                 "loss and augmentation", non_negative_float)
     loss_params: dict|None = option(None, "more loss parameters as a JSON object, e.g. '{\"alpha\": 0.25}'",
                                     "loss and augmentation", json_object)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy losses ce and weighted_ce (RETFound: "
+                                    "0.1); 0: none", "loss and augmentation", probability)
     advanced_aug: bool = option(False, "train with the heavy augmentation pipeline instead of the light one",
                                 "loss and augmentation")
     medical_preprocess: bool = option(False, "CLAHE on the lightness channel of every image, recorded in the model file",
@@ -890,6 +906,98 @@ def _check_resume(saved:dict, run_config:dict, path):
         raise ValueError(f"{path} was written by a run with other settings or data (setting: checkpoint vs now): "
                          f"{', '.join(differ)}. Resume with the same settings and data, or start a new run.")
 
+# %% ../nbs/08_train.ipynb #51b445aa
+SMOOTHED_LOSSES = ("ce", "weighted_ce")  # the losses label smoothing applies to
+
+def _is_vit(model_name:str) -> bool:
+    "Whether the timm model `model_name` is a `VisionTransformer` (built without weights)."
+    with torch.device("meta"): return isinstance(timm.create_model(model_name, pretrained=False, num_classes=0), VisionTransformer)
+
+def check_recipe_options(task:Task, # the run's task
+                         c:TrainConfig, # the run's options
+                         loss:str, # the loss resolved by `_check_loss`
+                        ):
+    "Clear errors for label smoothing, layer decay and RETFound weights where they do not apply."
+    if c.label_smoothing and (task.binary or loss not in SMOOTHED_LOSSES):
+        raise ValueError(f"label_smoothing={c.label_smoothing} applies to the single-label losses {SMOOTHED_LOSSES}; task "
+                         f"{task.name!r} trains with loss {loss!r}: leave label_smoothing at 0 or choose one of those losses.")
+    if c.layer_decay is not None and (not task.one_head or c.two_stage or c.unfreeze != "none" or c.lora_r is not None):
+        raise ValueError("layer_decay sets one rate per layer of a one-head ViT trained whole: leave two_stage, unfreeze and "
+                         "lora_r off, and use a one-head task such as 'dr'.")
+    for name in ("layer_decay", "retfound_weights"):
+        if getattr(c, name) is not None and not _is_vit(c.model_name):
+            raise ValueError(f"{name} needs a ViT backbone (e.g. vit_large_patch16_224, test_vit); "
+                             f"model_name={c.model_name!r} is not one.")
+
+def drop_path_kwargs(model_name:str, # timm model name
+                     drop_path:float|None, # stochastic depth rate; None: timm's default
+                    ) -> dict:
+    "timm keyword arguments for the drop-path rate ({} for None); a clear error for a backbone without drop-path layers."
+    if drop_path is None: return {}
+    try:
+        with torch.device("meta"): probe = timm.create_model(model_name, pretrained=False, num_classes=0, drop_path_rate=drop_path)
+    except TypeError: probe = None
+    if probe is None or (drop_path > 0 and not any(isinstance(m, DropPath) for m in probe.modules())):
+        raise ValueError(f"drop_path={drop_path}: the timm model {model_name!r} has no drop-path (stochastic depth) layers; "
+                         "leave drop_path out or choose a ViT, ConvNeXt or EfficientNet.")
+    return {"drop_path_rate": drop_path}
+
+def training_losses(task:Task, # the run's task
+                    c:TrainConfig, # the run's options
+                    loss:str, # the loss resolved by `_check_loss`
+                    class_counts:dict, # label column -> training examples per class
+                    loss_params:dict, # the run's loss parameters
+                   ) -> dict[str, nn.Module]:
+    "The task's loss modules; with label smoothing, `nn.CrossEntropyLoss` (inverse-frequency weights for weighted_ce)."
+    if not c.label_smoothing: return task.make_losses(loss, class_counts, c.focal_gamma, loss_params)
+    weight = lambda counts: (torch.as_tensor(np.asarray(inverse_frequency_weights(counts), dtype=np.float32))
+                             if loss == "weighted_ce" else None)
+    return {column: nn.CrossEntropyLoss(weight=weight(counts), label_smoothing=c.label_smoothing, **loss_params)
+            for column, counts in class_counts.items()}
+
+def load_retfound_backbone(backbone:VisionTransformer, # the timm ViT to fill (its layout must be the checkpoint's)
+                           checkpoint, # a RETFound checkpoint, MAE or DINOv2 release
+                           image_size:int, # the training input size: the position embedding is interpolated to it
+                          ) -> VisionTransformer:
+    "`backbone` with the encoder weights of a RETFound checkpoint; a `CheckpointError` naming the file if they do not fit."
+    block = backbone.blocks[0]
+    encoder = load_retfound_model(checkpoint, num_classes=0, global_pool=backbone.global_pool == "avg", img_size=image_size,
+                                  drop_path_rate=0.0, embed_dim=backbone.embed_dim, depth=len(backbone.blocks),
+                                  num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / backbone.embed_dim,
+                                  patch_size=backbone.patch_embed.patch_size[0], dynamic_img_size=backbone.dynamic_img_size)
+    try: backbone.load_state_dict(encoder.state_dict())
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint} is a RETFound {encoder.load_report.layout} checkpoint that does not fit the "
+                              f"backbone: choose --model-name {RETFOUND_LAYOUTS[encoder.load_report.layout]} (or the "
+                              f"architecture it was trained with). {str(e)[:300]}") from None
+    return backbone
+
+def build_model(task:Task, # the run's task
+                c:TrainConfig, # the run's options
+                classes:dict, # label column -> number of classes
+                facts:dict, # what `task.prepare` learned from the data
+               ) -> tuple:
+    "(the network, its model config): the task's model with drop path, RETFound weights and LoRA as the options ask."
+    timm_options = {**drop_path_kwargs(c.model_name, c.drop_path), **({} if c.retfound_weights is None else {"global_pool": "avg"})}
+    pretrained = c.pretrained and c.retfound_weights is None
+    model, model_config = task.make_model(c.model_name, classes, pretrained, c.dropout, c.image_size, facts, **timm_options)
+    if c.retfound_weights is not None: load_retfound_backbone(model.backbone, c.retfound_weights, c.image_size)
+    if c.lora_r is not None: add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout)
+    model_config.update(image_size=c.image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                        preprocessing=dict(MEDICAL_PREPROCESSING if c.medical_preprocess else PREPROCESSING), dropout=c.dropout)
+    return model, model_config
+
+def set_stage_rates(learn:Learner, # the run's Learner
+                    task:Task, # the run's task
+                    c:TrainConfig, # the run's options
+                    stage_lr:float, # the stage's peak learning rate (of the head)
+                   ):
+    "Set the Learner's learning rate(s) for a stage; with layer decay one per layer group, and no weight decay on 1-D weights."
+    if c.layer_decay is None: learn.lr = task.stage_lr(stage_lr); return
+    lrs, wds = layer_decay_hypers(learn.model, stage_lr, c.weight_decay, c.layer_decay)
+    learn.lr, learn.wd = list(lrs), wds
+
+
 # %% ../nbs/08_train.ipynb #da3a06b9
 def _cached_tables(df:pd.DataFrame, valid_df:pd.DataFrame|None, c:TrainConfig) -> tuple:
     "(df, valid_df, cache record): the tables pointing at prepared squares in `c.cache_dir`, or unchanged without a cache."
@@ -940,7 +1048,7 @@ def _fit_stages(learn:Learner, task:Task, c:TrainConfig, stages:list, saver:Trai
             start, restore, saved = (saved["stage_epochs_done"] if stage == saved["stage"] else 0), saved, None
         if c.two_stage: (learn.model.freeze_backbone() if stage == 1 else learn.model.unfreeze_backbone())
         saver.begin_stage(stage, start, restore)
-        learn.lr = task.stage_lr(stage_lr)
+        set_stage_rates(learn, task, c, stage_lr)
         print(f"{banner}: {n_epoch} epoch{'s' if n_epoch > 1 else ''}, lr {stage_lr:g}, {c.schedule.replace('_', '-')} schedule")
         with learn.no_logging(), distributed_context(learn):  # the callback prints the epoch lines; the bars stay
             if c.schedule == "one_cycle": learn.fit_one_cycle(n_epoch, reset_opt=stage > 1, start_epoch=start)
@@ -984,6 +1092,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     df, valid_df, facts = task.prepare(df, valid_df)
     classes, loss = task.classes(c.num_classes, facts), _check_loss(task, c.loss, c.focal_gamma)
     _check_engine(task, c)
+    check_recipe_options(task, c, loss)
     _check_label_values([df] + ([] if valid_df is None else [valid_df]), classes)
     save_dir, device = Path(save_dir), get_device(c.device)
     precision = resolve_precision(c.mixed_precision, device)
@@ -997,11 +1106,8 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     train_labels = dls.train_ds.labels.reshape(len(dls.train_ds), -1).astype(int)
     class_counts = {t: np.bincount(train_labels[:, i], minlength=k).tolist() for i, (t, k) in enumerate(classes.items())}
     arguments = _arguments(c, save_dir, loss, valid_df, callbacks)
-    losses = {t: l.to(device) for t, l in task.make_losses(loss, class_counts, c.focal_gamma, arguments["loss_params"]).items()}
-    model, model_config = task.make_model(c.model_name, classes, c.pretrained, c.dropout, c.image_size, facts)
-    if c.lora_r is not None: add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout)
-    model_config.update(image_size=c.image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                        preprocessing=dict(MEDICAL_PREPROCESSING if c.medical_preprocess else PREPROCESSING), dropout=c.dropout)
+    losses = {t: l.to(device) for t, l in training_losses(task, c, loss, class_counts, arguments["loss_params"]).items()}
+    model, model_config = build_model(task, c, classes, facts)
     stages = _stages(c)
     run_config = _run_config(arguments, model_config, task, dls, stages, precision=precision, class_counts=class_counts,
                              augment=augment, cache=cache, device=device)
@@ -1012,7 +1118,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     saver.total_epochs = run_config["total_epochs"]
     if saved is not None: saver.history, saver.best = saved["history"], saved["best"]
     learn = task.make_learner(dls, model, losses, classes, c.lr, c.weight_decay, save_dir, [*_engine(c, precision, saver), *(callbacks or [])],
-                              saver, backbone_splitter if c.unfreeze == "gradual" else None)
+                              saver, layer_decay_splitter if c.layer_decay is not None else backbone_splitter if c.unfreeze == "gradual" else None)
     _announce(task, c, run_config, device, precision, loss, task.class_names(classes, facts), saved, class_counts)
     _fit_stages(learn, task, c, stages, saver, saved)
     return _finish(task, c, save_dir, saver, dls.valid, device)

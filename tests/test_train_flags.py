@@ -49,7 +49,7 @@ def test_help_lists_every_flag_and_this_file_uses_them(run_cli):
 
 def test_every_flag_is_a_config_field_or_a_run_option():
     dests = {a.dest for a in _train_parser()._actions if a.option_strings and a.dest != "config"}
-    assert dests == set(config_fields()) | set(RUN_DEFAULTS) | {"labels_csv", "img_dir", "format"}
+    assert dests == set(config_fields()) | set(RUN_DEFAULTS) | {"labels_csv", "img_dir", "format", "keep_ungradable"}
     defaults = _train_parser().parse_args([])
     assert all(getattr(defaults, name) is None for name in config_fields())  # typed options only; TrainConfig's defaults apply
 
@@ -138,6 +138,24 @@ def test_multilabel_lora(tmp_path, capsys):
     assert {"macro_f1", "micro_f1", "auc_macro", "odir_score"} <= set(history[0])
 
 
+def test_retfound_recipe_options(data, tmp_path, capsys):
+    from fundus_lab.multitask import load_any_model
+    from fundus_lab.retfound import random_retfound_checkpoint
+    checkpoint = random_retfound_checkpoint(tmp_path/"retfound.pth", img_size=64, decoder_dim=32, embed_dim=64, depth=6,
+                                            num_heads=2, mlp_ratio=3)  # the layout of timm's test_vit
+    save_dir = tmp_path/"run"
+    out = train(capsys, "--labels-csv", data/"labels.csv", "--img-dir", data, "--format", "aptos", "--save-dir", save_dir,
+                "--model-name", "test_vit", "--image-size", "32", "--device", "cpu", "--epochs", "1", "--batch-size", "8",
+                "--retfound-weights", checkpoint, "--label-smoothing", "0.1", "--drop-path", "0.2", "--layer-decay", "0.65")
+    assert "pos_embed interpolated (bicubic) from 4x4 to 2x2 patches" in out
+    arguments = read_json(save_dir/"config.json")["arguments"]
+    assert {k: arguments[k] for k in ("retfound_weights", "label_smoothing", "drop_path", "layer_decay")} == \
+        {"retfound_weights": str(checkpoint), "label_smoothing": 0.1, "drop_path": 0.2, "layer_decay": 0.65}
+    model, config = load_any_model(save_dir/"best_model.pth")
+    assert config["timm_kwargs"] == {"img_size": 32, "drop_path_rate": 0.2, "global_pool": "avg"}
+    assert model.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+
+
 def test_folds_on_class_folders(data, tmp_path, capsys):
     df = read_dataset(data/"labels.csv", img_dir=data)
     folders = tmp_path/"folders"
@@ -182,6 +200,11 @@ def test_bad_config_files(data, tmp_path, capsys, content, phrase):
     (["--config", "no_such_recipe"], "packaged recipes: "),
     (["--tracker", "wandb"], "pip install wandb"),
     (["--lora-r", "2", "--two-stage"], "leave two_stage and unfreeze off"),
+    (["--label-smoothing", "0.1", "--loss", "focal"], "label_smoothing=0.1 applies to the single-label losses"),
+    (["--label-smoothing", "1"], "--label-smoothing: 1 is not in [0, 1)"),
+    (["--layer-decay", "0.65"], "layer_decay needs a ViT backbone"),
+    (["--drop-path", "0.2", "--model-name", "vgg11"], "'vgg11' has no drop-path"),
+    (["--retfound-weights", "missing.pth", "--model-name", "test_vit"], "missing.pth"),
 ])
 def test_bad_flag_values(data, tmp_path, capsys, argv, phrase):
     if "wandb" in argv and importlib.util.find_spec("wandb") is not None: pytest.skip("wandb is installed here")
