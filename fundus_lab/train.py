@@ -1069,7 +1069,8 @@ def _finish(task:Task, c:TrainConfig, save_dir:Path, saver:TrainingRunCallback, 
     "Draw the curves, choose the referral operating points on the validation split, say where the results are and return them."
     curves_path = save_dir/"training_curves.png"
     if is_main_process(): save_figure(plot_history(saver.history, f"{c.model_name} ({task.name})"), curves_path)
-    operating = add_operating_points(saver.model_path, valid_loader, device) if is_main_process() else None
+    kept = is_main_process() and Path(saver.model_path).is_file()  # a resumed run may not have beaten the best epoch
+    operating = add_operating_points(saver.model_path, valid_loader, device) if kept else None
     best = saver.best_record
     print(f"Best epoch {best['epoch']}: {task.best_summary(best)}.\n"
           f"Model: {saver.model_path}\nHistory: {saver.history_path}\nRun config: {save_dir/'config.json'}")
