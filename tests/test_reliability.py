@@ -166,7 +166,7 @@ def test_predict_flags_a_one_pixel_photo(trained, dr_dataset, tmp_path, capsys):
     assert table.predicted.tolist()[0] == "ungradable" and table.predicted.tolist()[1] != "ungradable"
     assert table.ungradable_reason[0].startswith("too small: 1x1 pixels") and table.ungradable_reason[1] == ""
     assert table.filter(like="prob_").iloc[0].eq("").all()
-    assert "1 photo(s) not graded" in capsys.readouterr().out
+    assert "1 of 2 photos ungradable: not graded" in capsys.readouterr().out
 
 
 # Messages instead of tracebacks
