@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #74645165
 from __future__ import annotations
-import io, os, re, warnings, zipfile
+import argparse, io, os, re, warnings, zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
