@@ -266,8 +266,9 @@ def cmd_train(args:argparse.Namespace) -> int:
         raise CommandError(f"--tracker {run['tracker']}: the {run['tracker']} package is not installed; "
                            f"pip install {package}, or use --tracker csv.")
     from fundus_lab.core import prepare_save_dir
-    from fundus_lab.data import read_checked
-    df = read_checked(data, options.get("task", defaults.task), "trained", min_side=image_size)
+    from fundus_lab.data import dataset_task, read_checked
+    options["task"] = dataset_task(data, options.get("task"), defaults.task)
+    df = read_checked(data, options["task"], "trained", min_side=image_size)
     from fundus_lab.experiments import save_training_config, train_experiment, train_folds
     save_dir, folds = Path(run.pop("save_dir")), run.pop("folds")
     with prepare_save_dir(save_dir, resume=options.get("resume") is not None):

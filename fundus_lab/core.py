@@ -16,11 +16,12 @@ import numpy as np
 # %% auto #0
 __all__ = ['IN_TEST', 'PACKAGE_DIR', 'REPO_DIR', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_IMAGE_SIZE',
            'LOCK_NAME', 'RUN_FILE_PATTERNS', 'COMMANDS', 'PRECISION_CHOICES', 'USER_ERRORS', 'FORMATS', 'sized',
-           'set_seed', 'available_devices', 'get_device', 'data_samples_dir', 'user_data_dir', 'model_image_size',
-           'check_outputs', 'current_umask', 'disk_full_error', 'atomic_write', 'save_json', 'torch_save_atomic',
-           'FolderInUseError', 'run_lock', 'run_files', 'prepare_save_dir', 'Command', 'command', 'positive_int',
-           'non_negative_int', 'positive_float', 'fraction', 'non_negative_float', 'probability', 'json_object',
-           'precision_mode', 'at_least_two', 'CommandError', 'dataset_arguments', 'loader_arguments', 'check_device']
+           'set_seed', 'available_devices', 'get_device', 'data_samples_dir', 'user_data_dir', 'user_cache_dir',
+           'model_image_size', 'check_outputs', 'current_umask', 'disk_full_error', 'atomic_write', 'save_json',
+           'torch_save_atomic', 'FolderInUseError', 'run_lock', 'run_files', 'prepare_save_dir', 'Command', 'command',
+           'positive_int', 'non_negative_int', 'positive_float', 'fraction', 'non_negative_float', 'probability',
+           'json_object', 'precision_mode', 'at_least_two', 'CommandError', 'dataset_arguments', 'loader_arguments',
+           'check_device']
 
 # %% ../nbs/00_core.ipynb #163166a1
 IN_TEST: bool = bool(os.environ.get("IN_TEST"))
@@ -88,6 +89,12 @@ def user_data_dir(env:str="FUNDUS_DATA", # environment variable naming the folde
     "The folder of the user's own fundus photos named by `env`, or None when unset."
     value = os.environ.get(env)
     return Path(value).expanduser() if value else None
+
+def user_cache_dir(env:str="FUNDUS_LAB_CACHE", # environment variable naming the folder
+                  ) -> Path:
+    "The folder for fundus-lab's caches: `env` when set, else fundus-lab/ in XDG_CACHE_HOME or ~/.cache."
+    if os.environ.get(env): return Path(os.environ[env]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home()/".cache").expanduser()/"fundus-lab"
 
 # %% ../nbs/00_core.ipynb #1314493c
 def model_image_size(config:dict, # the config saved with a model (`image_size`)

@@ -27,8 +27,9 @@ __all__ = ['DR_GRADES', 'DME_GRADES', 'ODIR_LABELS', 'UNIFIED_LABELS', 'ODIR_NAM
            'ONE_DIAGNOSIS_TASKS', 'DatasetError', 'ImageReadError', 'to_canonical', 'image_folders', 'match_images',
            'decode_photo', 'read_rgb', 'read_aptos', 'read_eyepacs', 'read_idrid', 'read_messidor2',
            'odir_keyword_label', 'odir_keyword_flags', 'odir_patient_flags', 'odir_dr_grade', 'read_odir',
-           'read_folder', 'detect_format', 'read_dataset', 'task_label_columns', 'disease_classes', 'disease_labels',
-           'patient_split', 'patient_kfold', 'ValidationReport', 'validate_dataset', 'check_dataset', 'read_checked']
+           'read_folder', 'folder_task', 'detect_format', 'read_dataset', 'task_label_columns', 'disease_classes',
+           'disease_labels', 'patient_split', 'patient_kfold', 'ValidationReport', 'validate_dataset', 'check_dataset',
+           'dataset_task', 'read_checked']
 
 # %% ../nbs/01_data.ipynb #d6a4999c
 DR_GRADES = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
@@ -653,6 +654,16 @@ def read_folder(img_dir, # folder with one sub-folder of images per class
     else: table[label_col] = [v for _, _, v in rows]
     return to_canonical(table)
 
+def folder_task(img_dir, # a folder that may hold one sub-folder per class
+               ) -> str|None:
+    "The task class folders name: 'dr' when every folder is a DR grade, 'disease' when every one is a diagnosis, else None."
+    try: root = image_folders(img_dir)[0]
+    except (DatasetError, OSError): return None
+    with os.scandir(root) as entries: classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    for task, column in (("dr", "dr"), ("disease", "multilabel")):
+        if classes and all(_folder_label(c, column) is not None for c in classes): return task
+    return None
+
 # %% ../nbs/01_data.ipynb #f41f1c5b
 FORMAT_COLUMNS = {"aptos": ["id_code", "diagnosis"], "eyepacs": ["image", "level"],
                   "idrid": ["Image name", "Retinopathy grade", "Risk of macular edema"],
@@ -980,6 +991,17 @@ def check_dataset(df:pd.DataFrame, # canonical table
     return df
 
 # %% ../nbs/01_data.ipynb #753e20bf
+def dataset_task(args:argparse.Namespace, # parsed arguments with labels_csv and img_dir
+                 task:str|None, # the task asked for; None: not given
+                 default:str, # the task when neither the user nor the folders say
+                ) -> str:
+    "The task to read a dataset for: the one asked for, else the one its class folders name (said in a line), else `default`."
+    if task is not None: return task
+    found = folder_task(args.img_dir) if args.labels_csv is None and args.img_dir is not None else None
+    if found is None or found == default: return default
+    print(f"The class folders of {args.img_dir} name diagnoses, not DR grades: task {found!r} (--task overrides).")
+    return found
+
 def read_checked(args:argparse.Namespace, # parsed arguments with labels_csv, img_dir and format
                  task:str, # the task whose labels every row needs
                  purpose:str, # what the command would have done, e.g. 'trained', for the message

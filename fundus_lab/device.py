@@ -17,7 +17,7 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in 
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
 
-from .core import CommandError, command, positive_int
+from .core import CommandError, command, dataset_arguments, positive_int
 from .core import get_device
 
 # %% auto #0
@@ -284,7 +284,7 @@ def bench_lora(model_name:str="vit_small_patch16_224", # timm ViT name
     return pd.DataFrame(rows)
 
 # %% ../nbs/18_device.ipynb #c2e43dce
-BENCHMARKS = ("data", "train")
+BENCHMARKS = ("data", "train", "recipes")
 
 def photo_size(text:str, # the option value as typed, e.g. '3000x2000'
               ) -> tuple[int, int]:
@@ -313,11 +313,10 @@ def _train_defaults(device:torch.device) -> dict:
 def _bench_arguments(parser:argparse.ArgumentParser):
     parser.add_argument("what", choices=BENCHMARKS,
                         help="data = the image loading pipelines; train = training steps in fp32, mixed precision, "
-                             "channels-last and compiled")
+                             "channels-last and compiled; recipes = training recipes on one patient split of your photos")
     parser.add_argument("--size", type=positive_int,
                         help="image size in pixels (default: 448; for `train` on a CPU 128)")
     data = parser.add_argument_group("bench data")
-    data.add_argument("--img-dir", type=Path, help="folder of real photos to measure too (searched recursively)")
     data.add_argument("--n-images", type=positive_int, default=24, help="photos per source (default: %(default)s)")
     data.add_argument("--epochs", type=positive_int, default=3, help="passes over the photos per pipeline (default: %(default)s)")
     data.add_argument("--num-workers", type=positive_int, default=2, help="threads loading images (default: %(default)s)")
@@ -336,6 +335,19 @@ def _bench_arguments(parser:argparse.ArgumentParser):
                        help="also compare LoRA with full fine-tuning on a ViT (default: on CUDA only)")
     train.add_argument("--lora-model", default="vit_small_patch16_224", help="timm ViT for the LoRA rows (default: %(default)s)")
     train.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu (default: %(default)s)")
+    recipes = parser.add_argument_group("bench recipes (bench data measures the photos of --img-dir too)")
+    dataset_arguments(recipes, "labelled")
+    recipes.add_argument("--task", help="what the recipes learn (default: the train command's; from the folders when "
+                                        "they name diagnoses)")
+    recipes.add_argument("--recipes", nargs="+", default=["linear_probe", "default"], metavar="RECIPE",
+                         help="packaged recipe names or YAML files; default = the plain `fundus-lab train` "
+                              "(default: linear_probe default)")
+    recipes.add_argument("--test-csv", type=Path, help="labels of a held-out test table scored too")
+    recipes.add_argument("--test-dir", type=Path, help="images of the held-out test table (or its class folders)")
+    recipes.add_argument("--save-dir", type=Path, default=Path("runs/recipes"),
+                         help="folder for the runs and recipes.csv (default: %(default)s)")
+    recipes.add_argument("--set", nargs="+", default=[], metavar="OPTION=VALUE",
+                         help="training options applied to every recipe, e.g. --set epochs=2 num_workers=2")
 
 def _bench_data(args:argparse.Namespace) -> int:
     if args.img_dir is not None and not args.img_dir.is_dir(): raise CommandError(f"--img-dir: no folder {args.img_dir}")
@@ -377,8 +389,14 @@ def _bench_train(args:argparse.Namespace) -> int:
          --model-name at --size in float32, in mixed precision (bfloat16, or float16 on GPUs without bfloat16),
          with channels-last images, compiled with torch.compile, and with all three; a setting that cannot run
          here is listed with the reason. With --lora (the default on CUDA) it adds full fine-tuning against LoRA
-         on a ViT.""",
+         on a ViT.
+
+         `fundus-lab bench recipes --labels-csv ... --img-dir ...` splits your photos by patient once, trains each
+         recipe of --recipes on the same training patients and prints one table: minutes, and the task's headline
+         metrics on the validation patients (and on --test-csv/--test-dir). The first recipe, linear_probe, is the
+         floor to beat.""",
          _bench_arguments, "fundus-lab bench train --model-name convnext_base --size 448 --device cuda")
 def cmd_bench(args:argparse.Namespace) -> int:
-    "Run the benchmark named by `what`: `fundus_lab.cache.bench_data` or `bench_training`."
-    return _bench_data(args) if args.what == "data" else _bench_train(args)
+    "Run the benchmark named by `what`: `fundus_lab.cache.bench_data`, `bench_training` or `bench_recipes`."
+    from fundus_lab.experiments import run_recipe_bench
+    return {"data": _bench_data, "train": _bench_train, "recipes": run_recipe_bench}[args.what](args)

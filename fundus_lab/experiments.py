@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/experiments.html.md"""
 
 # %% ../nbs/10_experiments.ipynb #27a19a46
 from __future__ import annotations
-import difflib, importlib.util, json, math, os, re, time
+import argparse, difflib, importlib.util, json, math, os, re, time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -14,17 +14,20 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .core import PACKAGE_DIR, atomic_write, save_json
-from .data import patient_kfold
-from .train import config_fields, plot_history, train_model
+from .cache import build_cache
+from .core import PACKAGE_DIR, CommandError, atomic_write, save_json
+from .evaluate import evaluate_model
+from .data import dataset_task, patient_kfold, patient_split, read_checked
+from .train import TrainConfig, config_fields, get_task, plot_history, resolved_cache_dir, train_model
 from fastai.callback.core import Callback  # after fundus_lab.train, which imports fastai with its deprecation warnings muted
 from fastai.callback.progress import CSVLogger
 
 # %% auto #0
-__all__ = ['CONFIG_DIR', 'RUN_OPTIONS', 'PATH_OPTIONS', 'DEFAULT_EXPERIMENT', 'RESULT_FILES', 'TRACKERS', 'training_options',
-           'ConfigTypeError', 'normalise_config', 'packaged_configs', 'config_path', 'load_training_config',
-           'save_training_config', 'HistoryCSVLogger', 'local_tracking_uri', 'MLflowCallback', 'tracker_callbacks',
-           'train_experiment', 'cv_statistics', 'train_folds']
+__all__ = ['CONFIG_DIR', 'RUN_OPTIONS', 'PATH_OPTIONS', 'DEFAULT_EXPERIMENT', 'RESULT_FILES', 'TRACKERS', 'BASELINE_RECIPE',
+           'DEFAULT_RECIPE', 'RUN_ONLY', 'training_options', 'ConfigTypeError', 'normalise_config', 'packaged_configs',
+           'config_path', 'load_training_config', 'save_training_config', 'HistoryCSVLogger', 'local_tracking_uri',
+           'MLflowCallback', 'tracker_callbacks', 'train_experiment', 'cv_statistics', 'train_folds', 'recipe_options',
+           'recipe_split', 'bench_recipes', 'run_recipe_bench']
 
 # %% ../nbs/10_experiments.ipynb #6f8cdf24
 CONFIG_DIR = PACKAGE_DIR/"configs"
@@ -329,3 +332,111 @@ def train_folds(df:pd.DataFrame, # canonical table of all labelled images
     for name in mean: print(f"  {name:<16}{mean[name]:.4f} ± {std[name]:.4f}")
     print(f"Summary: {save_dir/'cv_summary.json'}")
     return summary
+
+# %% ../nbs/10_experiments.ipynb #502bac74
+BASELINE_RECIPE = "linear_probe"  # the packaged recipe `bench_recipes` starts with: the floor to beat
+DEFAULT_RECIPE = "default"  # the recipe name meaning `TrainConfig`'s defaults (the plain `fundus-lab train`)
+RUN_ONLY = tuple(RUN_OPTIONS)  # options of a recipe file that say where data and results are, not how to train
+
+def recipe_options(name, # a packaged recipe name, a YAML file, or `DEFAULT_RECIPE`
+                  ) -> dict:
+    "The training options of a recipe, without the options saying where the data and results are."
+    if name == DEFAULT_RECIPE: return {}
+    return {k: v for k, v in load_training_config(name).items() if k not in RUN_ONLY}
+
+def _metric(metrics:dict, key:str) -> float:
+    "A value of an evaluation's metrics by dotted key (e.g. 'referable.auc'); NaN when it is missing."
+    value = metrics
+    for part in key.split("."): value = value.get(part) if isinstance(value, dict) else None
+    return float("nan") if value is None else float(value)
+
+def recipe_split(df:pd.DataFrame, # canonical table of all labelled photos
+                 task:str, # the registered task the recipes learn
+                 val_split:float=0.2, # share of patients for validation
+                 seed:int=42, # seed of the split
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(training table, validation table): each patient on one side, stratified by the task's labels."
+    t = get_task(task, training=True)
+    prepared, _, facts = t.prepare(df, None)
+    split = patient_split(prepared, valid_pct=val_split, label_col=t.label_col(t.classes(None, facts)), seed=seed)
+    return df[~split.is_valid.to_numpy()], df[split.is_valid.to_numpy()]
+
+# %% ../nbs/10_experiments.ipynb #549ed260
+def _prepare_cache(train_df:pd.DataFrame, valid_df:pd.DataFrame, options:dict) -> float:
+    "Build the prepared-image cache a recipe will use (nothing when it is built already); the seconds it took."
+    c = TrainConfig.from_dict(options)
+    folder = resolved_cache_dir(c.cache_dir, c.image_size)
+    if folder is None: return 0.0
+    start = time.time()
+    for table in (train_df, valid_df): build_cache(table, folder, size=c.image_size, num_workers=max(c.num_workers, os.cpu_count() or 1))
+    return time.time() - start
+
+def _recipe_row(name, task, train_df, valid_df, test_df, folder:Path, options:dict, cache_s:float) -> dict:
+    "Train one recipe on the split and score it: its row of the benchmark table."
+    start = time.time()
+    result = train_model(train_df, folder, config=options, valid_df=valid_df)
+    train_s = time.time() - start
+    row = {"recipe": str(name), "cache_min": cache_s / 60, "train_min": train_s / 60, "epochs": result["epochs_run"]}
+    for part, table in (("valid", valid_df), ("test", test_df)):
+        if table is None: continue
+        metrics = evaluate_model(result["best_model_path"], table, folder/f"{part}_evaluation", device=options.get("device", "auto"),
+                                 num_workers=options.get("num_workers", 0))
+        row.update({f"{part}_{column}": _metric(metrics, key) for column, key in task.bench_metrics})
+    return row
+
+# %% ../nbs/10_experiments.ipynb #b307d064
+def bench_recipes(df:pd.DataFrame, # canonical table of the labelled photos (split here by patient)
+                  save_dir, # folder for each recipe's run (SAVE_DIR/RECIPE) and the table (recipes.csv, recipes.json)
+                  recipes=(BASELINE_RECIPE, DEFAULT_RECIPE), # packaged recipe names, YAML files or 'default'
+                  task:str|None=None, # the task every recipe learns; None: TrainConfig's default
+                  test_df:pd.DataFrame|None=None, # an optional held-out table scored too
+                  val_split:float=0.2, # share of patients for validation
+                  seed:int=42, # seed of the split and of every run
+                  **overrides, # options applied to every recipe (e.g. device, num_workers, cache_dir, epochs for a quick look)
+                 ) -> pd.DataFrame:
+    "Train every recipe on one patient-level split and return (and save) a table of minutes and headline metrics."
+    task = task or TrainConfig().task
+    train_df, valid_df = recipe_split(df, task, val_split, seed)
+    save_dir, rows, built = Path(save_dir), [], set()
+    for name in recipes:
+        options = {**recipe_options(name), **overrides, "task": task, "random_seed": seed}
+        key = (str(options.get("cache_dir", TrainConfig().cache_dir)), options.get("image_size", TrainConfig().image_size))
+        cache_s = 0.0 if key in built else _prepare_cache(train_df, valid_df, options)
+        built.add(key)
+        print(f"\n=== recipe {name} ===", flush=True)
+        rows.append(_recipe_row(name, get_task(task), train_df, valid_df, test_df, save_dir/Path(str(name)).stem, options, cache_s))
+        table = pd.DataFrame(rows)
+        with atomic_write(save_dir/"recipes.csv", "w") as f: table.to_csv(f, index=False)
+    save_json({"task": task, "n_train": len(train_df), "n_valid": len(valid_df), "n_test": None if test_df is None else len(test_df),
+               "seed": seed, "overrides": {k: str(v) for k, v in overrides.items()}, "rows": rows}, save_dir/"recipes.json")
+    return table
+
+# %% ../nbs/10_experiments.ipynb #1fd38290
+def _typed_options(pairs:list[str]) -> dict:
+    "`OPTION=VALUE` pairs of --set as checked training options (values read as YAML: 2, 1e-4, true, none)."
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep: raise CommandError(f"--set {pair!r}: write OPTION=VALUE, e.g. --set epochs=2.")
+        options[key] = None if value.lower() == "none" else yaml.safe_load(value)
+    try: return normalise_config(options, "--set")
+    except ValueError as e: raise CommandError(str(e)) from None
+
+def run_recipe_bench(args:argparse.Namespace, # the parsed `fundus-lab bench recipes` arguments
+                    ) -> int:
+    "`fundus-lab bench recipes`: read and check the photos, run `bench_recipes` and print its table."
+    overrides = _typed_options(args.set)
+    task = dataset_task(args, args.task, TrainConfig().task)
+    df = read_checked(args, task, "benchmarked")
+    test = argparse.Namespace(labels_csv=args.test_csv, img_dir=args.test_dir, format=args.format, keep_ungradable=args.keep_ungradable)
+    test_df = None if args.test_csv is None and args.test_dir is None else read_checked(test, task, "benchmarked")
+    try: recipes = [r if r == DEFAULT_RECIPE else str(config_path(r)) if Path(r).suffix else r for r in args.recipes]
+    except FileNotFoundError as e: raise CommandError(f"--recipes: {e}") from None
+    for name in recipes:
+        try: recipe_options(name)
+        except (FileNotFoundError, ValueError) as e: raise CommandError(f"--recipes: {e}") from None
+    table = bench_recipes(df, args.save_dir, recipes, task, test_df, **overrides)
+    print(f"\nRecipes on {len(df)} photos of {args.labels_csv or args.img_dir} (task {task}; minutes on {os.cpu_count()} CPU cores):")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"Table: {Path(args.save_dir)/'recipes.csv'}")
+    return 0

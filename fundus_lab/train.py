@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/train.html.md"""
 
 # %% ../nbs/08_train.ipynb #7d6c61ab
 from __future__ import annotations
-import argparse, contextlib, dataclasses, difflib, json, math, time, warnings
+import argparse, contextlib, dataclasses, difflib, hashlib, json, math, os, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in 
     from fastai.callback import schedule as _one_cycle_schedule  # adds Learner.fit_one_cycle
     from fastai.callback.core import Callback, CancelFitException
     from fastai.callback.progress import ProgressCallback
+    from fastai.callback.channelslast import ChannelsLast
     from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
     from fastai.callback.training import GradientClip
     from fastai.data.core import DataLoaders
@@ -39,13 +40,14 @@ from .checkpoints import (DeviceMixedPrecision, GradualUnfreeze, StopOnNonFinite
                                     load_training_checkpoint, merged_copy, peak_memory_mb, reset_peak_memory,
                                     resolve_precision, restore_rng_state, rng_state, save_training_checkpoint)
 from .core import (IMAGENET_MEAN, IMAGENET_STD, atomic_write, fraction, get_device, json_object, non_negative_float,
-                             non_negative_int, positive_float, positive_int, precision_mode, probability, save_json, set_seed)
+                             non_negative_int, positive_float, positive_int, precision_mode, probability, save_json, set_seed,
+                             user_cache_dir)
 from .data import (DME_GRADES, DR_GRADES, ODIR_NAMES, UNIFIED_LABELS, disease_classes, disease_labels,
                              patient_split, read_rgb)
 from .losses import (MULTICLASS_LOSSES, MULTILABEL_LOSSES, class_balanced_weights, inverse_frequency_weights,
                                make_loss)
 from .metrics import fastai_metrics
-from .models import DEFAULT_MODEL, DRClassifier
+from .models import DEFAULT_MODEL, DRClassifier, fit_linear_probe, pooled_features, set_linear_head
 from .multilabel import fastai_multilabel_metrics
 from .multitask import (LOG_VAR_LR_MULT, MultiTaskClassifier, TaskLossTracker, multitask_learner,
                                   multitask_metrics, save_any_model, selection_score)
@@ -56,14 +58,15 @@ from .retfound import (RETFOUND_LAYOUTS, CheckpointError, layer_decay_hypers, la
 # %% auto #0
 __all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'HIGH_SENSITIVITY', 'HIGH_SPECIFICITY', 'OPERATING_RULE',
            'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES', 'REFERABLE_HEADS', 'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR',
-           'SCHEDULES', 'UNFREEZE_MODES', 'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES', 'FundusDataset',
-           'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback', 'plot_history', 'save_figure',
-           'choose_operating_points', 'dr_grade_head', 'add_operating_points', 'cosine_warmup_schedule',
+           'SCHEDULES', 'ADAPTATIONS', 'UNFREEZE_MODES', 'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES',
+           'FundusDataset', 'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback', 'plot_history',
+           'save_figure', 'choose_operating_points', 'dr_grade_head', 'add_operating_points', 'cosine_warmup_schedule',
            'cosine_scheduler', 'world_size', 'is_main_process', 'distributed_context', 'Task', 'DRTask', 'DMETask',
-           'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask', 'register_task', 'get_task', 'trainable_tasks', 'option',
-           'TrainConfig', 'config_fields', 'config_key', 'check_option', 'config_arguments', 'LossScheduleCallback',
-           'input_size_kwargs', 'check_recipe_options', 'drop_path_kwargs', 'training_losses', 'load_retfound_backbone',
-           'build_model', 'set_stage_rates', 'train_model']
+           'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask', 'register_task', 'get_task', 'trainable_tasks',
+           'cache_folder', 'resolved_cache_dir', 'option', 'TrainConfig', 'config_fields', 'config_key', 'check_option',
+           'config_arguments', 'LossScheduleCallback', 'input_size_kwargs', 'check_recipe_options', 'drop_path_kwargs',
+           'training_losses', 'load_retfound_backbone', 'build_model', 'set_stage_rates', 'probe_features',
+           'linear_probe_stage', 'resolve_adaptation', 'train_model']
 
 # %% ../nbs/08_train.ipynb #2c2cd1a5
 class FundusDataset(Dataset):
@@ -217,7 +220,7 @@ class TrainingRunCallback(Callback):
         if restore is not None:
             self.history, self.best = restore["history"], restore["best"]
             if restore["stage"] == stage: self.stage_best, self.wait = restore["stage_best"], restore["wait"]
-        self.epoch_offset = sum(r["stage"] < stage for r in self.history)  # epochs run by the earlier stages
+        self.epoch_offset = sum(0 < r["stage"] < stage for r in self.history)  # epochs run by the earlier stages (not the probe)
 
     def before_fit(self):
         if self.restore is None: return
@@ -271,6 +274,14 @@ class TrainingRunCallback(Callback):
         if self.stopped_early and self.verbose and self.epoch + 1 < self.n_epoch:
             print(f"Early stopping: no better validation {self.monitor} for {self.patience} epoch(s).")
 
+    def record_probe(self, record:dict):
+        "Keep the linear probe's scores as epoch 0 of the history, and its model as the best so far."
+        self.history.append(record)
+        self.best = {"score": [_metric_or_worst(record[self.monitor]), -record["valid_loss"]], "record": record}
+        self._save_model(self.model_path, record)
+        if self.writes: save_json(self.history, self.history_path)
+        if self.verbose and self.writes: print(_epoch_line(record, 0) + "  * saved best model")
+
     def _save_model(self, path, record):
         if self.writes: save_any_model(path, self.to_save(self.learn.model), {**self.config, "epoch": record["epoch"], "valid_metrics": _plain(record)})
 
@@ -298,7 +309,8 @@ def _epoch_line(record:dict, n_epoch:int) -> str:
     "One printed line per epoch."
     metrics = "  ".join(f"{k} {record[k]:.4f}" for k in record
                         if k not in ("epoch", "stage", "lr", "epoch_time_s", "peak_memory_mb") and not k.startswith("log_var_"))
-    return (f"epoch {record['epoch']}/{n_epoch}  {metrics}  lr {record['lr']:.2e}  {record['epoch_time_s']:.1f}s  "
+    head = "linear probe" if record["stage"] == 0 else f"epoch {record['epoch']}/{n_epoch}"
+    return (f"{head}  {metrics}  lr {record['lr']:.2e}  {record['epoch_time_s']:.1f}s  "
             f"{record['peak_memory_mb']:.0f} MB")
 
 # %% ../nbs/08_train.ipynb #91d70e99
@@ -493,6 +505,8 @@ class Task:
     headline:str = "qwk" # the metric named in the evaluation figures' titles
     one_head:bool = True # one backbone, one head: gradual unfreezing and LoRA apply
     ordered:bool = True # the classes are ordered grades, so quadratic weighted kappa means something
+    probe:bool = True # a linear probe can fit its head (`probe_head`), so adaptation 'auto' means 'lp_ft'
+    bench_metrics:tuple = (("qwk", "qwk"), ("accuracy", "accuracy"), ("referable_auroc", "referable.auc")) # (column, key of the evaluation metrics) of `bench_recipes`
 
     def prepare(self, df:pd.DataFrame, valid_df:pd.DataFrame|None) -> tuple:
         "The training and validation tables with the task's label columns, and facts learned from them (e.g. its classes)."
@@ -535,6 +549,13 @@ class Task:
         "The fastai `Learner` that trains `model` with the task's loss and metrics."
         return Learner(dls, model, loss_func=next(iter(losses.values())), opt_func=Adam, lr=lr, wd=weight_decay,
                        metrics=self.metrics(classes), path=path, cbs=cbs, **({"splitter": splitter} if splitter else {}))
+
+    def probe_head(self, features:np.ndarray, labels:np.ndarray, groups, classes:dict) -> tuple:
+        "(weight, bias, facts) of the linear head a linear probe fits on frozen features of the training photos."
+        if not self.one_head:
+            raise ValueError(f"A linear probe fits one linear head; task {self.name!r} has {len(classes)} heads: use adaptation='full'.")
+        n_outputs = len(classes) if self.binary else next(iter(classes.values()))
+        return fit_linear_probe(features, labels, n_outputs, groups=groups, binary=self.binary)
 
     def stage_lr(self, lr:float):
         "The learning rate(s) of the Learner's parameter groups for a stage's peak rate."
@@ -582,6 +603,7 @@ class DMETask(Task):
 class DiseaseTask(Task):
     "One diagnosis per photo among the ODIR codes present in the training data; the best validation macro-F1 is kept."
     name, monitor, selection, headline, ordered = "disease", "macro_f1", "validation macro_f1", "macro_f1", False
+    bench_metrics = (("accuracy", "accuracy"), ("macro_f1", "macro_f1"))
     def prepare(self, df, valid_df):
         codes = disease_classes(df if valid_df is None else pd.concat([df, valid_df]))
         with_label = lambda frame: None if frame is None else frame.assign(disease=disease_labels(frame, codes))
@@ -598,7 +620,8 @@ class DiseaseTask(Task):
 
 class MultiTaskTask(Task):
     "DR grade and DME risk with one backbone and two heads; the best mean of DR QWK and DME accuracy is kept."
-    name, monitor, one_head = "multitask", "score", False
+    name, monitor, one_head, probe = "multitask", "score", False, False
+    bench_metrics = (("dr_qwk", "tasks.dr.qwk"), ("dme_accuracy", "tasks.dme.accuracy"), ("joint_accuracy", "joint_accuracy"))
     selection = "validation score = mean of dr_qwk and dme_accuracy"
     def classes(self, num_classes, facts):
         if num_classes is not None:
@@ -625,6 +648,7 @@ class MultiLabelTask(Task):
     "The ODIR disease flags `UNIFIED_LABELS` as seven sigmoid outputs; the best validation macro-F1 is kept."
     name, binary, monitor, selection, headline = "multilabel", True, "macro_f1", "validation macro_f1", "macro_f1"
     losses, default_loss = MULTILABEL_TRAIN_LOSSES, "adaptive_focal"
+    bench_metrics = (("macro_auroc", "auc_macro"), ("odir_score", "odir_score"), ("macro_f1", "macro_f1"))
     def classes(self, num_classes, facts):
         if num_classes not in (None, len(UNIFIED_LABELS)):
             raise ValueError(f"The multi-label task has {len(UNIFIED_LABELS)} labels {UNIFIED_LABELS}; got num_classes={num_classes}.")
@@ -672,8 +696,23 @@ MONITOR = {name: TASK_REGISTRY[name].monitor for name in TRAIN_TASKS}
 
 # %% ../nbs/08_train.ipynb #300a97cd
 SCHEDULES = ("one_cycle", "cosine")
+ADAPTATIONS = ("auto", "full", "lp", "lp_ft")
 UNFREEZE_MODES = ("none", "gradual")
 CONFIG_GROUPS = ("data and run", "model", "training schedule", "loss and augmentation", "loading and device")
+
+def cache_folder(text:str, # the --cache-dir value as typed
+                ) -> str|Path|None:
+    "A cache folder as typed: 'auto' (one per image size in the user's cache), 'none' (no cache) or a folder."
+    if text == "auto": return "auto"
+    if text.lower() in ("none", "off", "no"): return None
+    return Path(text).expanduser()
+
+def resolved_cache_dir(cache_dir, # a `TrainConfig.cache_dir`: 'auto', None or a folder
+                       image_size:int, # the run's network input side
+                      ) -> Path|None:
+    "The folder a run's cache lives in, or None for no cache."
+    if cache_dir == "auto": return user_cache_dir()/f"images-{image_size}px"
+    return None if cache_dir is None else Path(cache_dir)
 
 def option(default, # the value when the option is not given
            help:str, # what it does, for --help
@@ -695,8 +734,10 @@ class TrainConfig:
     val_split: float = option(0.2, "share of patients held out for validation; both eyes of a patient stay together",
                               "data and run", fraction)
     random_seed: int = option(42, "seed for the split, initialisation, shuffling and augmentation", "data and run", int)
-    cache_dir: str|None = option(None, "folder for a cache of cropped, resized images, built on the first run and reused "
-                                 "while the settings stay the same", "data and run", Path)
+    cache_dir: str|None = option("auto", "folder for a cache of cropped, resized images (and linear-probe features), built "
+                                 "on the first run and reused while the settings stay the same; auto = a folder per image "
+                                 "size in the user's cache (FUNDUS_LAB_CACHE, else ~/.cache/fundus-lab); none = no cache",
+                                 "data and run", cache_folder)
     model_name: str = option(DEFAULT_MODEL, "timm architecture; the default ships its ImageNet weights with fundus-lab", "model")
     num_classes: int|None = option(None, "number of classes (from the task: 5 for dr, 7 for multilabel, the diagnoses present "
                                    "for disease; fixed for multitask)", "model", positive_int)
@@ -714,8 +755,14 @@ class TrainConfig:
                               "model", positive_int)
     lora_alpha: float = option(16.0, "LoRA scaling numerator alpha (the update is scaled by alpha / r)", "model", positive_float)
     lora_dropout: float = option(0.0, "dropout on the input of the LoRA adapters", "model", probability)
-    epochs: int = option(10, "passes over the training images (single-stage training)", "training schedule", positive_int)
-    lr: float = option(1e-3, "peak learning rate (single-stage training)", "training schedule", positive_float)
+    adaptation: str = option("auto", "how the pretrained backbone is used: lp = linear probe (the backbone frozen, its "
+                             "features of the training photos computed once and kept in the cache folder, a logistic-"
+                             "regression head fitted on them, no training epochs); lp_ft = the linear probe's head, then "
+                             "training as the options below say; full = that training from a random head; auto = lp_ft "
+                             "where a probe applies (one linear head, no LoRA, no two-stage or gradual unfreezing), else full",
+                             "training schedule", choices=ADAPTATIONS)
+    epochs: int = option(4, "passes over the training images (single-stage training)", "training schedule", positive_int)
+    lr: float = option(3e-4, "peak learning rate (single-stage training)", "training schedule", positive_float)
     two_stage: bool = option(False, "stage 1 trains the head with the backbone frozen, stage 2 fine-tunes the whole network",
                              "training schedule")
     epochs_stage1: int = option(5, "epochs of stage 1 (frozen backbone)", "training schedule", positive_int)
@@ -758,11 +805,14 @@ class TrainConfig:
                                 "loss and augmentation")
     medical_preprocess: bool = option(False, "CLAHE on the lightness channel of every image, recorded in the model file",
                                       "loss and augmentation")
-    batch_size: int = option(16, "images per batch", "loading and device", positive_int)
+    batch_size: int = option(32, "images per batch", "loading and device", positive_int)
     num_workers: int = option(0, "DataLoader worker processes; 0 loads images in the main process", "loading and device",
                               non_negative_int)
     device: str = option("auto", "'auto' (CUDA, then Apple MPS, then CPU), 'cuda', 'cuda:N', 'mps' or 'cpu'",
                          "loading and device")
+    channels_last: bool = option(True, "keep convolution weights and activations in NHWC layout (fastai ChannelsLast), "
+                                 "faster on CPUs and recent GPUs; --no-channels-last keeps PyTorch's default layout",
+                                 "loading and device")
 
     @classmethod
     def from_dict(cls, options:dict, # option name (dashes or underscores) -> value, e.g. a YAML recipe
@@ -924,6 +974,9 @@ def check_recipe_options(task:Task, # the run's task
     if c.layer_decay is not None and (not task.one_head or c.two_stage or c.unfreeze != "none" or c.lora_r is not None):
         raise ValueError("layer_decay sets one rate per layer of a one-head ViT trained whole: leave two_stage, unfreeze and "
                          "lora_r off, and use a one-head task such as 'dr'.")
+    if c.adaptation == "lp" and (c.two_stage or c.unfreeze != "none" or c.lora_r is not None):
+        raise ValueError("adaptation='lp' trains no epochs, so two_stage, unfreeze and lora_r do nothing: leave them off, "
+                         "or use adaptation='lp_ft' to fine-tune after the probe.")
     for name in ("layer_decay", "retfound_weights"):
         if getattr(c, name) is not None and not _is_vit(c.model_name):
             raise ValueError(f"{name} needs a ViT backbone (e.g. vit_large_patch16_224, test_vit); "
@@ -997,20 +1050,80 @@ def set_stage_rates(learn:Learner, # the run's Learner
     lrs, wds = layer_decay_hypers(learn.model, stage_lr, c.weight_decay, c.layer_decay)
     learn.lr, learn.wd = list(lrs), wds
 
+# %% ../nbs/08_train.ipynb #e3736dd3
+def _feature_key(c:TrainConfig, ds:FundusDataset) -> str:
+    "A name for the probe features of `ds` that changes with the backbone, its weights, the input and the photos."
+    weights = c.retfound_weights and {"path": str(Path(c.retfound_weights).absolute()), "bytes": Path(c.retfound_weights).stat().st_size,
+                                      "mtime_ns": Path(c.retfound_weights).stat().st_mtime_ns}
+    stamps = [(str(p), *(lambda s: (s.st_size, s.st_mtime_ns))(Path(p).stat())) for p in ds.df["path"]]
+    key = {"model": c.model_name, "pretrained": c.pretrained, "seed": None if c.pretrained else c.random_seed,
+           "retfound": weights, "size": ds.size, "crop": ds.crop, "clahe": ds.medical_preprocess, "photos": stamps}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{c.model_name}_{ds.size}px_{len(ds)}_{digest}.npy"
+
+def probe_features(backbone:nn.Module, # the frozen backbone
+                   ds:FundusDataset, # the training photos, with the validation (non-random) transform
+                   c:TrainConfig, # the run's options (cache folder, batch size, workers)
+                  ) -> tuple[np.ndarray, str]:
+    "(pooled features of every photo of `ds`, where they came from): computed once, then read from the cache folder."
+    folder = resolved_cache_dir(c.cache_dir, c.image_size)
+    path = None if folder is None else folder/"features"/_feature_key(c, ds)
+    if path is not None and path.is_file(): return np.load(path), f"read from {path}"
+    loader = DataLoader(ds, batch_size=max(c.batch_size, 32), shuffle=False, num_workers=c.num_workers)
+    features = pooled_features(backbone, loader)
+    if path is None: return features, "computed (no cache folder: not kept)"
+    with atomic_write(path) as f: np.save(f, features)
+    return features, f"computed and kept in {path}"
+
+def linear_probe_stage(learn:Learner, # the run's Learner (a one-head model)
+                       task:Task, # the run's task
+                       c:TrainConfig, # the run's options
+                       classes:dict, # label column -> number of classes
+                       saver:TrainingRunCallback, # the run's history and best-model keeper
+                      ) -> dict:
+    "Fit the head on frozen features of the training photos, score it on the validation photos and keep it as epoch 0."
+    start, train_ds = time.time(), learn.dls.train_ds
+    plain = FundusDataset(train_ds.df, train_ds.label_col, train_ds.size, valid_transform(train_ds.size), crop=train_ds.crop,
+                          medical_preprocess=train_ds.medical_preprocess, binary=task.binary)
+    features, origin = probe_features(learn.model.backbone, plain, c)
+    labels = plain.labels
+    weight, bias, facts = task.probe_head(features, labels, train_ds.df["patient_id"].to_numpy(), classes)
+    set_linear_head(learn.model, weight, bias)
+    print(f"Linear probe: features of {len(plain)} training photos {origin}; logistic regression C={facts['C']}.")
+    logits = torch.as_tensor(features @ weight.T + bias)
+    train_loss = float(learn.loss_func(logits.to(learn.dls.device), torch.as_tensor(labels).to(learn.dls.device, plain.label_dtype)))
+    with learn.removed_cbs(saver), learn.no_logging(), learn.no_bar(): valid_loss, *values = learn.validate()
+    record = {"epoch": 0, "stage": 0, "train_loss": train_loss, "valid_loss": float(valid_loss),
+              **{m.name: float(v) for m, v in zip(learn.metrics, values)}, "lr": 0.0,
+              "epoch_time_s": time.time() - start, "peak_memory_mb": peak_memory_mb(learn.dls.device)}
+    saver.record_probe(record)
+    return record
 
 # %% ../nbs/08_train.ipynb #da3a06b9
 def _cached_tables(df:pd.DataFrame, valid_df:pd.DataFrame|None, c:TrainConfig) -> tuple:
-    "(df, valid_df, cache record): the tables pointing at prepared squares in `c.cache_dir`, or unchanged without a cache."
-    if c.cache_dir is None: return df, valid_df, None
-    workers = max(c.num_workers, 1)
-    df = build_cache(df, c.cache_dir, size=c.image_size, num_workers=workers)
-    cache = {"dir": str(c.cache_dir), "size": c.image_size, **df.attrs["cache"]}
-    if valid_df is not None: valid_df = build_cache(valid_df, c.cache_dir, size=c.image_size, num_workers=workers)
-    print(f"Cache {c.cache_dir}: {cache['prepared']} image(s) prepared, {cache['reused']} reused.")
+    "(df, valid_df, cache record): the tables pointing at prepared squares in the run's cache, or unchanged without one."
+    folder = resolved_cache_dir(c.cache_dir, c.image_size)
+    if folder is None: return df, valid_df, None
+    workers = max(c.num_workers, os.cpu_count() or 1)
+    where = " (the default; --cache-dir none turns it off)" if c.cache_dir == "auto" else ""
+    print(f"Cache of prepared images: {folder}{where}", flush=True)
+    df = build_cache(df, folder, size=c.image_size, num_workers=workers)
+    cache = {"dir": str(folder), "size": c.image_size, **df.attrs["cache"]}
+    if valid_df is not None: valid_df = build_cache(valid_df, folder, size=c.image_size, num_workers=workers)
+    print(f"Cache: {cache['prepared']} image(s) prepared, {cache['reused']} reused.")
     return df, valid_df, cache
 
+def resolve_adaptation(task:Task, # the run's task
+                       c:TrainConfig, # the run's options
+                      ) -> str:
+    "The adaptation a run uses: `c.adaptation`, with 'auto' meaning 'lp_ft' where a linear probe applies, else 'full'."
+    if c.adaptation != "auto": return c.adaptation
+    probe_fits = task.probe and c.lora_r is None and not c.two_stage and c.unfreeze == "none"
+    return "lp_ft" if probe_fits else "full"
+
 def _stages(c:TrainConfig) -> list[tuple[int, float, str]]:
-    "(epochs, peak learning rate, banner) of each training stage."
+    "(epochs, peak learning rate, banner) of each training stage (none for a linear probe)."
+    if c.adaptation == "lp": return []
     if c.two_stage: return [(c.epochs_stage1, c.lr_stage1, "Stage 1: training the head (backbone frozen)"),
                             (c.epochs_stage2, c.lr_stage2, "Stage 2: fine-tuning the whole model (backbone unfrozen)")]
     return [(c.epochs, c.lr, "Training" + (" (backbone unfrozen gradually from the top)" if c.unfreeze == "gradual" else "")
@@ -1034,6 +1147,7 @@ def _run_config(arguments:dict, model_config:dict, task:Task, dls, stages:list, 
 def _engine(c:TrainConfig, precision:str, saver:TrainingRunCallback) -> list:
     "The training loop's callbacks: loss schedule, divergence stop, checkpoints, and the options' extras."
     engine = [LossScheduleCallback(), StopOnNonFiniteLoss(), saver]
+    if c.channels_last: engine.append(ChannelsLast())
     if precision != "no": engine.append(DeviceMixedPrecision(precision))
     if c.grad_clip is not None: engine.append(GradientClip(c.grad_clip))
     if c.unfreeze == "gradual": engine.append(GradualUnfreeze())
@@ -1090,6 +1204,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     "Train a model for a registered task with fastai, keep the best checkpoint and everything needed to resume."
     c = _with_options(config, options)
     task = get_task(c.task, training=True)
+    c = dataclasses.replace(c, adaptation=resolve_adaptation(task, c))
     df, valid_df, facts = task.prepare(df, valid_df)
     classes, loss = task.classes(c.num_classes, facts), _check_loss(task, c.loss, c.focal_gamma)
     _check_engine(task, c)
@@ -1121,5 +1236,6 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     learn = task.make_learner(dls, model, losses, classes, c.lr, c.weight_decay, save_dir, [*_engine(c, precision, saver), *(callbacks or [])],
                               saver, layer_decay_splitter if c.layer_decay is not None else backbone_splitter if c.unfreeze == "gradual" else None)
     _announce(task, c, run_config, device, precision, loss, task.class_names(classes, facts), saved, class_counts)
+    if c.adaptation != "full" and saved is None: linear_probe_stage(learn, task, c, classes, saver)
     _fit_stages(learn, task, c, stages, saver, saved)
     return _finish(task, c, save_dir, saver, dls.valid, device)
