@@ -16,7 +16,7 @@ import yaml
 
 from .core import PACKAGE_DIR, atomic_write, save_json
 from .data import patient_kfold
-from .train import config_fields, plot_history, train_model
+from .train import config_fields, get_task, plot_history, train_model
 from fastai.callback.core import Callback  # after fundus_lab.train, which imports fastai with its deprecation warnings muted
 from fastai.callback.progress import CSVLogger
 
@@ -307,7 +307,7 @@ def train_folds(df:pd.DataFrame, # canonical table of all labelled images
     save_dir = Path(save_dir)
     if tracker == "mlflow" and tracking_uri is None: tracking_uri = str(save_dir/"mlruns")
     task, seed = train_kwargs.get("task", "dr"), train_kwargs.get("random_seed", 42)
-    split = patient_kfold(df, n_splits=folds, label_col=task, seed=seed)
+    split = patient_kfold(df, n_splits=folds, label_col=get_task(task).data_task, seed=seed)
     extra = train_kwargs.pop("callbacks", None) or []
     runs = []
     for k in range(folds):
