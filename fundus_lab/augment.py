@@ -218,9 +218,10 @@ def tta_views(x:torch.Tensor, # batch of images, N x C x H x W
 def tta_predict(model:torch.nn.Module, # returns logits N x K
                 x:torch.Tensor, # batch of normalised images, N x C x H x W
                 views:str="flips", # 'flips' or 'd4'
-                activation:str="softmax", # 'softmax' (single-label) or 'sigmoid' (multi-label)
+                activation:str="softmax", # 'softmax' (single-label), 'sigmoid' (multi-label) or 'identity' (a regression score)
                ) -> torch.Tensor:
-    "Probabilities N x K averaged over the test-time augmentation views."
-    if activation not in ("softmax", "sigmoid"): raise ValueError(f"`activation` must be 'softmax' or 'sigmoid', got {activation!r}.")
-    prob = (lambda z: z.softmax(dim=1)) if activation == "softmax" else torch.sigmoid
+    "Probabilities (or regression scores) N x K averaged over the test-time augmentation views."
+    squash = {"softmax": lambda z: z.softmax(dim=1), "sigmoid": torch.sigmoid, "identity": lambda z: z}
+    if activation not in squash: raise ValueError(f"`activation` must be one of {list(squash)}, got {activation!r}.")
+    prob = squash[activation]
     return torch.stack([prob(model(v)) for v in tta_views(x, views)]).mean(dim=0)

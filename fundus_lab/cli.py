@@ -187,9 +187,10 @@ def _check_image_size(size, # the network input side asked for
 def _check_loss_options(options:dict):
     "A CommandError for --loss-params keys the chosen loss does not take, before any data is read."
     from fundus_lab.losses import check_loss_params
+    from fundus_lab.train import REGRESSION_LOSSES, GradeRegressionLoss, get_task
     if not options.get("loss_params"): return
-    loss = options.get("loss") or ("adaptive_focal" if options.get("task") == "multilabel" else "ce")
-    try: check_loss_params(loss, options["loss_params"])
+    loss = options.get("loss") or get_task(options.get("task", "dr")).default_loss
+    try: GradeRegressionLoss(loss, **options["loss_params"]) if loss in REGRESSION_LOSSES else check_loss_params(loss, options["loss_params"])
     except ValueError as e: raise CommandError(str(e)) from None
 
 # %% ../nbs/21_cli.ipynb #b56d0948
@@ -250,7 +251,7 @@ def train_options(args:argparse.Namespace, # parsed `fundus-lab train` arguments
 def cmd_train(args:argparse.Namespace) -> int:
     "Check the dataset, train (or cross-validate) with `fundus_lab.experiments` and say where the results are."
     import importlib.util, timm
-    from fundus_lab.train import TrainConfig
+    from fundus_lab.train import TrainConfig, get_task
     options, defaults = train_options(args), TrainConfig()
     run = {k: options.pop(k, default) for k, default in RUN_DEFAULTS.items()}
     data = argparse.Namespace(**{k: options.pop(k, None) for k in ("labels_csv", "img_dir", "format", "keep_ungradable")})
@@ -268,7 +269,7 @@ def cmd_train(args:argparse.Namespace) -> int:
     from fundus_lab.core import prepare_save_dir
     from fundus_lab.data import dataset_task, read_checked
     options["task"] = dataset_task(data, options.get("task"), defaults.task)
-    df = read_checked(data, options["task"], "trained", min_side=image_size)
+    df = read_checked(data, get_task(options["task"]).data_task, "trained", min_side=image_size)
     from fundus_lab.experiments import save_training_config, train_experiment, train_folds
     save_dir, folds = Path(run.pop("save_dir")), run.pop("folds")
     with prepare_save_dir(save_dir, resume=options.get("resume") is not None):

@@ -27,7 +27,7 @@ from .data import read_checked
 from .metrics import classification_metrics
 from .multilabel import multilabel_metrics
 from .multitask import load_any_model
-from .train import REFERABLE_HEADS, FundusDataset, Task, get_task, preprocessing_options, train_model
+from .train import ACTIVATIONS, REFERABLE_HEADS, FundusDataset, Task, get_task, preprocessing_options, train_model
 
 # %% auto #0
 __all__ = ['REFERABLE_FROM', 'IDX_DR_SPECIFICITY', 'MULTILABEL_SUMMARY', 'MULTILABEL_THRESHOLD', 'OPERATING_POINTS',
@@ -81,13 +81,13 @@ def predict_probs(model:torch.nn.Module, # a classifier returning logits, batch 
                   device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
                   medical_preprocess:bool=False, # CLAHE on lightness, as for a model trained with --medical-preprocess
                   tta:str|None=None, # None, or test-time augmentation views: 'flips' (4) or 'd4' (8)
-                  activation:str="softmax", # 'softmax' (one class per image) or 'sigmoid' (multi-label)
+                  activation:str="softmax", # 'softmax' (one class per image), 'sigmoid' (multi-label) or 'identity' (regression)
                  ) -> np.ndarray:
-    "Probabilities (n_images x n_outputs) of `model` on every image of `df`, in table order."
+    "Probabilities (or regression scores) (n_images x n_outputs) of `model` on every image of `df`, in table order."
     _check_tta(tta)
-    if activation not in ("softmax", "sigmoid"): raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
+    if activation not in ACTIVATIONS: raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}.")
     torch_device = get_device(device)
-    squash = (lambda z: z.softmax(dim=1)) if activation == "softmax" else torch.sigmoid
+    squash = ACTIVATIONS[activation]
     fn = (lambda x: squash(model(x))) if tta is None else (lambda x: tta_predict(model, x, views=tta, activation=activation))
     with _in_eval_mode(model, torch_device):
         return _outputs(fn, df, image_size, batch_size, num_workers, torch_device, medical_preprocess).numpy()
@@ -128,15 +128,17 @@ def macro_aupr(y_true, # true class indices, shape (n,)
 def task_metrics(y_true, # true class indices, shape (n,)
                  probs, # class probabilities, shape (n, C)
                  class_names:list[str]|None=None, # names of the C classes
+                 y_pred=None, # predicted classes (e.g. a regression score cut at thresholds); None: the arg-max of probs
+                 probabilities:bool=True, # probs are probabilities (False: per-class scores), so the ECE is reported
                 ) -> dict:
     "`classification_metrics` plus macro AUPR, ECE and per-class one-vs-rest accuracy and AUPR."
-    metrics = classification_metrics(y_true, probs, class_names)
+    metrics = classification_metrics(y_true, probs, class_names, y_pred)
     y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
-    y_pred = probs.argmax(1)
+    y_pred = probs.argmax(1) if y_pred is None else np.asarray(y_pred).astype(int)
     for c, per_class in enumerate(metrics["per_class"].values()):
         per_class["accuracy"] = float(np.mean((y_true == c) == (y_pred == c)))
         per_class["aupr"] = float(average_precision_score(y_true == c, probs[:, c])) if per_class["support"] else float("nan")
-    extra = {"aupr_macro": macro_aupr(y_true, probs), "ece": expected_calibration_error(y_true, probs)}
+    extra = {"aupr_macro": macro_aupr(y_true, probs), **({"ece": expected_calibration_error(y_true, probs)} if probabilities else {})}
     return {**{k: metrics[k] for k in ("accuracy", "qwk", "macro_f1", "auc_macro")}, **extra,
             **{k: v for k, v in metrics.items() if k not in extra and k not in ("accuracy", "qwk", "macro_f1", "auc_macro")}}
 
@@ -163,10 +165,12 @@ def referable_metrics(y_true, # DR grades 0-4, shape (n,)
                       probs, # probabilities of the 5 grades, shape (n, 5)
                       target_specificity:float=IDX_DR_SPECIFICITY, # the specificity to reach
                       threshold:float|None=None, # a referable-score threshold fixed beforehand; None: chosen on these scores
+                      scores=None, # referable scores, shape (n,) (e.g. a regression score); None: P(grade >= 2) from probs
                      ) -> dict:
     "Referable DR (grade >= 2): AUROC of the referable score and sensitivity/specificity at the operating point."
     y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
-    referable, scores = y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1)
+    referable = y_true >= REFERABLE_FROM
+    scores = probs[:, REFERABLE_FROM:].sum(1) if scores is None else np.asarray(scores, dtype=float)
     result = {"n_referable": int(referable.sum()), "n_non_referable": int((~referable).sum())}
     if referable.all() or not referable.any():  # one side is empty: no ROC curve, no operating point to choose
         return {**result, "auc": float("nan"), "threshold": threshold, "target_specificity": float(target_specificity),
@@ -215,9 +219,9 @@ def _average_precision(positive:np.ndarray, scores:np.ndarray) -> float:
     precision, recall = tp / (last_of_tie + 1), tp / tp[-1]
     return float(np.sum(np.diff(np.r_[0, recall]) * precision))
 
-def _fast_metrics(y_true:np.ndarray, probs:np.ndarray, referable_threshold:float|None) -> dict:
+def _fast_metrics(y_true:np.ndarray, probs:np.ndarray, referable_threshold:float|None, y_pred=None, scores=None) -> dict:
     "The headline metrics of one bootstrap sample, in numpy (equal to the scikit-learn based ones, many times faster)."
-    y_pred, k = probs.argmax(1), probs.shape[1]
+    y_pred, k = probs.argmax(1) if y_pred is None else y_pred, probs.shape[1]
     counts = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
     tp, seen = np.diag(counts), (counts.sum(0) + counts.sum(1)) > 0  # f1_score's macro mean: classes in y_true or y_pred
     f1 = np.divide(2 * tp, counts.sum(0) + counts.sum(1), out=np.zeros(k), where=seen)
@@ -227,7 +231,7 @@ def _fast_metrics(y_true:np.ndarray, probs:np.ndarray, referable_threshold:float
               "auc_macro": float(np.mean([_auroc(y_true == c, probs[:, c]) for c in present])) if len(present) > 1 else float("nan"),
               "aupr_macro": float(np.mean([_average_precision(y_true == c, probs[:, c]) for c in present])) if len(present) > 1 else float("nan")}
     if referable_threshold is not None:
-        referable, scores = y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1)
+        referable, scores = y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1) if scores is None else scores
         values["referable_sensitivity"] = float((scores[referable] >= referable_threshold).mean()) if referable.any() else float("nan")
         values["referable_specificity"] = float((scores[~referable] < referable_threshold).mean()) if (~referable).any() else float("nan")
         values["referable_auc"] = _auroc(referable, scores)
@@ -239,12 +243,16 @@ def metric_intervals(y_true, # true class indices, shape (n,)
                      seed:int=0, # random seed
                      groups=None, # patient of each image (resampled by patient), or None
                      referable_threshold:float|None=None, # DR: the fixed referable threshold whose sensitivity/specificity get intervals
+                     y_pred=None, # predicted classes; None: the arg-max of probs
+                     scores=None, # referable scores; None: P(grade >= 2) from probs
                     ) -> dict:
     "95% percentile-bootstrap intervals of accuracy, QWK, macro-F1, macro AUROC/AUPR (and referable DR metrics)."
     y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
+    y_pred = probs.argmax(1) if y_pred is None else np.asarray(y_pred).astype(int)
+    scores = probs[:, REFERABLE_FROM:].sum(1) if scores is None else np.asarray(scores, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return bootstrap_ci(lambda idx: _fast_metrics(y_true[idx], probs[idx], referable_threshold), len(y_true),
-                            n_boot, seed, groups)
+        return bootstrap_ci(lambda idx: _fast_metrics(y_true[idx], probs[idx], referable_threshold, y_pred[idx], scores[idx]),
+                            len(y_true), n_boot, seed, groups)
 
 # %% ../nbs/11_evaluate.ipynb #94fddefd
 def _json_ready(value):
@@ -273,6 +281,7 @@ def plot_roc_curves(y_true, # true class indices, shape (n,)
                     class_names:list[str], # names of the classes
                     referable:dict|None=None, # `referable_metrics` result: adds the referable-DR curve and operating point
                     title:str="ROC curves", # figure title
+                    scores=None, # referable scores for the referable curve; None: P(grade >= 2) from probs
                    ) -> plt.Figure:
     "ROC curve of each class against the rest (or each label of a multi-label indicator matrix) and, for DR, the referable curve."
     y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
@@ -284,7 +293,7 @@ def plot_roc_curves(y_true, # true class indices, shape (n,)
             fpr, tpr, _ = roc_curve(flags[:, c], probs[:, c])
             ax.plot(fpr, tpr, lw=1.2, label=f"{name} (AUROC {roc_auc_score(flags[:, c], probs[:, c]):.2f})")
     if referable is not None and not np.isnan(referable["auc"]):
-        fpr, tpr, _ = roc_curve(y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1))
+        fpr, tpr, _ = roc_curve(y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1) if scores is None else scores)
         ax.plot(fpr, tpr, "k-", lw=2.2, label=f"referable DR (AUROC {referable['auc']:.2f})")
         ax.plot(1 - referable["specificity"], referable["sensitivity"], "r*", ms=13,
                 label=f"operating point: sens {referable['sensitivity']:.2f}, spec {referable['specificity']:.2f}")
@@ -316,6 +325,9 @@ def _save_png(fig:plt.Figure, path:Path):
 def predictions_table(df:pd.DataFrame, # the evaluated canonical table
                       probs:dict[str, np.ndarray], # {task (label column): probabilities (n, C)}, or {'multilabel': (n, K)}
                       label_columns:list[str]|None=None, # multi-label: the K label columns
+                      grades:dict|None=None, # {head: predicted classes}; None: the arg-max of the probabilities
+                      referable:dict|None=None, # {DR head: referable scores}; None: P(grade >= 2) of a five-grade head
+                      scores:dict|None=None, # {head: regression scores (n, 1)}, written as score_HEAD instead of probabilities
                      ) -> pd.DataFrame:
     "One row per image: ids, path, true label and predicted class of each task, per-class probabilities (and DR referable score)."
     table = df[["image_id", "path", "patient_id"]].reset_index(drop=True).copy()
@@ -327,9 +339,12 @@ def predictions_table(df:pd.DataFrame, # the evaluated canonical table
         return table
     for head, p in probs.items():
         table[head] = df[head].reset_index(drop=True).astype("Int64")
-        table[f"predicted_{head}"] = p.argmax(1)
-        for k in range(p.shape[1]): table[f"prob_{head}_{k}"] = p[:, k].round(6)
-        if head in REFERABLE_HEADS and p.shape[1] == 5: table["referable_score"] = p[:, REFERABLE_FROM:].sum(1).round(6)
+        table[f"predicted_{head}"] = p.argmax(1) if grades is None else grades[head]
+        if scores and head in scores: table[f"score_{head}"] = np.asarray(scores[head])[:, 0].round(6)
+        else:
+            for k in range(p.shape[1]): table[f"prob_{head}_{k}"] = p[:, k].round(6)
+        if referable is not None and head in referable: table["referable_score"] = np.asarray(referable[head]).round(6)
+        elif referable is None and head in REFERABLE_HEADS and p.shape[1] == 5: table["referable_score"] = p[:, REFERABLE_FROM:].sum(1).round(6)
     return table
 
 # %% ../nbs/11_evaluate.ipynb #33c91194
@@ -383,7 +398,7 @@ def ensemble_probs(models:list, # `load_models` result
                    device:str="auto", # 'auto', 'cuda', 'mps' or 'cpu'
                    tta:str|None=None, # None, 'flips' or 'd4'
                   ) -> dict[str, np.ndarray]:
-    "{task (label column): probabilities averaged over the models}, each model with its own image size and preprocessing."
+    "{task (label column): probabilities (regression: scores) averaged over the models}, each with its own image size and preprocessing."
     per_model = []
     for model, config, path in models:
         options = dict(batch_size=batch_size, num_workers=num_workers, device=device, tta=tta,
@@ -392,7 +407,7 @@ def ensemble_probs(models:list, # `load_models` result
         if not task.one_head: per_model.append(predict_task_probs(model, df, config["image_size"], **options))
         elif task.binary:
             per_model.append({"multilabel": predict_probs(model, df, config["image_size"], activation="sigmoid", **options)})
-        else: per_model.append({config["label_columns"][0]: predict_probs(model, df, config["image_size"], **options)})
+        else: per_model.append({config["label_columns"][0]: predict_probs(model, df, config["image_size"], activation=task.activation, **options)})
     return {task: np.mean([p[task] for p in per_model], axis=0) for task in per_model[0]}
 
 def generalisation_gap(metrics:dict, # the metrics of `evaluate_model` on the new table (before the gap is added)
@@ -480,10 +495,12 @@ def operating_point_metrics(y_true, # DR grades 0-4, shape (n,)
                             bootstrap:int=0, # bootstrap resamples for 95% intervals (0: none)
                             seed:int=0, # seed of the bootstrap
                             groups=None, # patient of each image (resampled by patient), or None
+                            scores=None, # referable scores (e.g. a regression score); None: P(grade >= 2) from probs
                            ) -> dict:
     "Referable-DR sensitivity and specificity per photo at the high-sensitivity and high-specificity operating points."
     y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=np.float64)
-    referable, scores = y_true >= REFERABLE_FROM, probs[:, REFERABLE_FROM:].sum(1)
+    referable = y_true >= REFERABLE_FROM
+    scores = probs[:, REFERABLE_FROM:].sum(1) if scores is None else np.asarray(scores, dtype=np.float64)
     thresholds, note = saved_operating_points(configs)
     source = "model: chosen on the validation split at training" if thresholds else None
     if not thresholds and on_test:
@@ -551,22 +568,23 @@ def _checked_labels(df:pd.DataFrame, column:str, num_classes:int, class_names, i
                          f"the model knows {num_classes} classes {class_names}.")
     return labels
 
-def _one_task(labels:np.ndarray, probs:np.ndarray, class_names:list[str], head:str, target_specificity:float,
-              referable_threshold:float|None, bootstrap:int, seed:int, groups) -> dict:
-    "The metrics of one head, with referable DR for a 5-grade DR head and bootstrap intervals if asked."
-    metrics = task_metrics(labels, probs, class_names)
-    is_dr = head in REFERABLE_HEADS and probs.shape[1] == 5
-    if is_dr: metrics["referable"] = referable_metrics(labels, probs, target_specificity, referable_threshold)
+def _one_task(labels:np.ndarray, probs:np.ndarray, class_names:list[str], target_specificity:float,
+              referable_threshold:float|None, bootstrap:int, seed:int, groups, grades:np.ndarray, scores:np.ndarray|None,
+              probabilities:bool=True) -> dict:
+    "The metrics of one head, with referable DR when it has referable `scores` and bootstrap intervals if asked."
+    metrics = task_metrics(labels, probs, class_names, grades, probabilities)
+    is_dr = scores is not None
+    if is_dr: metrics["referable"] = referable_metrics(labels, probs, target_specificity, referable_threshold, scores)
     if bootstrap:
         fixed_threshold = metrics["referable"]["threshold"] if is_dr else None
-        metrics["ci"] = metric_intervals(labels, probs, bootstrap, seed, groups, fixed_threshold)
+        metrics["ci"] = metric_intervals(labels, probs, bootstrap, seed, groups, fixed_threshold, grades, scores)
     return metrics
 
-def _report_text(metrics:dict, labels:dict, probs:dict, class_names:dict, binary:bool=False) -> str:
+def _report_text(metrics:dict, labels:dict, probs:dict, class_names:dict, binary:bool=False, grades:dict|None=None) -> str:
     "The printed metrics table followed by scikit-learn's classification report of each head."
     sections = [format_metrics(metrics)]
     for head, p in probs.items():
-        predicted = (p >= MULTILABEL_THRESHOLD).astype(int) if binary else p.argmax(1)
+        predicted = (p >= MULTILABEL_THRESHOLD).astype(int) if binary else p.argmax(1) if grades is None else grades[head]
         report = classification_report(labels[head], predicted, labels=list(range(p.shape[1])), target_names=class_names[head],
                                        digits=3, zero_division=0)
         sections.append(f"scikit-learn classification report ({head}):\n{report}")
@@ -590,13 +608,22 @@ def _evaluation_labels(task:Task, df:pd.DataFrame, config:dict) -> tuple[dict, d
         if bad.any(): raise ValueError(f"The label columns {columns} must hold 0/1 flags; images {df.image_id[bad][:10].tolist()} do not.")
         return {"multilabel": flags}, {"multilabel": columns}
     per_head = isinstance(config["num_classes"], dict)  # a model with one head per label column
-    num_classes = config["num_classes"] if per_head else {config["label_columns"][0]: config["num_classes"]}
     class_names = config["class_names"] if per_head else {config["label_columns"][0]: config["class_names"]}
+    num_classes = {t: len(names) for t, names in class_names.items()}  # a regression head has one output for its five grades
     return {t: _checked_labels(df, t, k, class_names[t], config["image_size"]) for t, k in num_classes.items()}, class_names
 
 HEADLINE_NAMES = {"qwk": "QWK", "macro_f1": "macro F1"}
 
-def _report_figures(task:Task, per_head:dict, labels:dict, probs:dict, class_names:dict, output_dir:Path):
+def _graded(task:Task, outputs:dict, configs:list[dict]) -> tuple[dict, dict, dict, dict]:
+    "({head: per-class scores}, {head: predicted classes}, {DR head: referable scores}, the grading config) of the outputs."
+    grading = task.ensemble_config(configs)
+    probs = {t: task.class_scores(o, grading) for t, o in outputs.items()}
+    grades = {t: task.grades(o, grading) for t, o in outputs.items()}
+    referable = {t: task.referable_scores(np.asarray(o, dtype=np.float64), grading) for t, o in outputs.items()
+                 if t in REFERABLE_HEADS and probs[t].shape[1] == 5}
+    return probs, grades, referable, grading
+
+def _report_figures(task:Task, per_head:dict, labels:dict, probs:dict, class_names:dict, output_dir:Path, referable:dict):
     "The confusion matrix and ROC curves of each head."
     for name, m in per_head.items():
         suffix = f"_{name}" if len(per_head) > 1 else ""
@@ -608,7 +635,8 @@ def _report_figures(task:Task, per_head:dict, labels:dict, probs:dict, class_nam
                      f", accuracy {m['accuracy']:.3f}, n={m['n']}")
             confusion = plot_confusion_matrix(m["confusion_matrix"], class_names[name], title)
         _save_png(confusion, output_dir/f"confusion_matrix{suffix}.png")
-        _save_png(plot_roc_curves(labels[name], probs[name], class_names[name], m.get("referable"), f"{title.split(':')[0]}: ROC curves"),
+        _save_png(plot_roc_curves(labels[name], probs[name], class_names[name], m.get("referable"), f"{title.split(':')[0]}: ROC curves",
+                                  referable.get(name)),
                   output_dir/f"roc_curves{suffix}.png")
 
 def evaluate_model(model_path, # best_model.pth written by training, a folder of folds, or a list: an ensemble
@@ -637,14 +665,16 @@ def evaluate_model(model_path, # best_model.pth written by training, a folder of
     df = task.evaluation_table(df, config)
     groups = df["patient_id"].astype(str).to_numpy() if df["patient_id"].notna().all() else None
     labels, class_names = _evaluation_labels(task, df, config)
-    probs = ensemble_probs(models, df, batch_size, num_workers, device, tta)
+    outputs = ensemble_probs(models, df, batch_size, num_workers, device, tta)
+    probs, grades, referable, grading = _graded(task, outputs, configs)
     if task.binary: per_head = {"multilabel": _multilabel_metrics(labels["multilabel"], probs["multilabel"], class_names["multilabel"],
                                                                 bootstrap, seed, groups)}
-    else: per_head = {t: _one_task(labels[t], probs[t], class_names[t], t, target_specificity, referable_threshold,
-                                   bootstrap, seed, groups) for t in probs}
+    else: per_head = {t: _one_task(labels[t], probs[t], class_names[t], target_specificity, referable_threshold,
+                                   bootstrap, seed, groups, grades[t], referable.get(t), task.probabilities) for t in probs}
     metrics = task.combine_metrics(per_head, labels, probs, class_names)
-    _clinical_metrics(metrics, per_head, labels, probs, df, configs, gate, per_patient, patient_rule, operating_points_on_test,
-                      bootstrap, seed, groups)
+    _clinical_metrics(metrics, per_head, labels, (probs, grades, referable), df, configs, gate, per_patient, patient_rule,
+                      operating_points_on_test, bootstrap, seed, groups)
+    if "thresholds" in grading: metrics["thresholds"] = grading["thresholds"]
     gap = generalisation_gap(metrics, configs)
     if gap is not None: metrics["generalisation_gap"] = gap
     metrics.update(model_path=str(models[0][2]) if len(models) == 1 else [str(p) for _, _, p in models], task=task.name,
@@ -652,10 +682,11 @@ def evaluate_model(model_path, # best_model.pth written by training, a folder of
                    bootstrap={"n_boot": bootstrap, "seed": seed, "resampled": "patients" if groups is not None else "images"} if bootstrap else None)
     output_dir = Path(output_dir)
     save_json(_json_ready(metrics), output_dir/"metrics.json")
-    _report_figures(task, per_head, labels, probs, class_names, output_dir)
-    with atomic_write(output_dir/"classification_report.txt", "w") as f: f.write(_report_text(metrics, labels, probs, class_names, task.binary))
-    with atomic_write(output_dir/"predictions.csv", "w") as f:
-        _with_ungradable(predictions_table(df, probs, class_names.get("multilabel")), df, ungradable).to_csv(f, index=False)
+    _report_figures(task, per_head, labels, probs, class_names, output_dir, referable)
+    with atomic_write(output_dir/"classification_report.txt", "w") as f:
+        f.write(_report_text(metrics, labels, probs, class_names, task.binary, grades))
+    table = predictions_table(df, probs, class_names.get("multilabel"), grades, referable, None if task.probabilities else outputs)
+    with atomic_write(output_dir/"predictions.csv", "w") as f: _with_ungradable(table, df, ungradable).to_csv(f, index=False)
     write_model_card(metrics, output_dir/"model_card.md", config, _run_config(models[0][2]))
     return metrics
 
@@ -676,16 +707,18 @@ def _check_clinical_options(config:dict, per_patient:bool, patient_rule:str):
         raise ValueError(f"--per-patient decides referable DR per patient; this {config['task']!r} model has no five-grade DR head "
                          "(use a dr or multitask model).")
 
-def _clinical_metrics(metrics:dict, per_task:dict, labels:dict, probs:dict, df:pd.DataFrame, configs:list[dict], gate:dict|None,
+def _clinical_metrics(metrics:dict, per_task:dict, labels:dict, graded:tuple, df:pd.DataFrame, configs:list[dict], gate:dict|None,
                       per_patient:bool, patient_rule:str, on_test:bool, bootstrap:int, seed:int, groups):
     "Add the DR operating points, the per-patient decisions and the gradability summary to `metrics` (in place)."
-    dr = per_task.get("dr")
-    if dr is not None and probs["dr"].shape[1] == 5:
-        dr["operating_points"] = operating_point_metrics(labels["dr"], probs["dr"], configs, on_test, bootstrap, seed, groups)
+    (probs, grades, referable), dr = graded, per_task.get("dr")
+    if dr is not None and "dr" in referable:
+        dr["operating_points"] = operating_point_metrics(labels["dr"], probs["dr"], configs, on_test, bootstrap, seed, groups,
+                                                         referable["dr"])
         if per_patient:
             thresholds = {name: p["threshold"] for name, p in dr["operating_points"]["points"].items()}
             if dr["referable"]["threshold"] is not None: thresholds["referable"] = dr["referable"]["threshold"]
-            patients = patient_level(predictions_table(df, {"dr": probs["dr"]}), patient_rule)
+            table = predictions_table(df, {"dr": probs["dr"]}, grades={"dr": grades["dr"]}, referable={"dr": referable["dr"]})
+            patients = patient_level(table, patient_rule)
             metrics["per_patient"] = {"rule": patient_rule, **per_patient_metrics(patients, thresholds, bootstrap, seed)}
             if gate is not None: metrics["per_patient"]["n_patients_without_gradable_photo"] = gate["n_patients"] - gate["n_patients_gradable"]
     if gate is not None: metrics["gradability"] = gate
@@ -869,6 +902,7 @@ def format_metrics(metrics:dict, # the result of `evaluate_model` / `classificat
     lines = [f"{label:<26}{_number(metrics[key]):>8}{interval(key)}" for key, label in SUMMARY_NAMES.items()
              if key in metrics and not (unordered and key == "qwk")]
     lines.append(f"{'images':<26}{metrics['n']:>8}")
+    if metrics.get("thresholds"): lines.append(f"{'grade thresholds':<26}" + ", ".join(f"{t:.3f}" for t in metrics["thresholds"]))
     if metrics.get("per_label"): lines += _report_rows(metrics["per_label"], "label", threshold=True)
     if metrics.get("per_class"): lines += _report_rows(metrics["per_class"], "class")
     referable = metrics.get("referable")
@@ -983,7 +1017,7 @@ def cmd_evaluate(args:argparse.Namespace) -> int:
     output_dir = args.output_dir or (args.model_path[0] if args.model_path[0].is_dir() else args.model_path[0].parent)/"evaluation"
     image_folder = args.img_dir or (args.labels_csv.parent if args.labels_csv is not None else None)
     check_outputs(output_dir, [image_folder, args.labels_csv, *paths], "--output-dir", writes=REPORT_PATTERNS)
-    df = read_checked(args, config["task"], "evaluated", min_side=image_size if args.min_quality is None else None)
+    df = read_checked(args, get_task(config["task"]).data_task, "evaluated", min_side=image_size if args.min_quality is None else None)
     check_outputs(output_dir, sorted({str(Path(p).parent) for p in df.path}), "--output-dir")
     print(f"Evaluating {len(paths)} model{'s' if len(paths) > 1 else ''} on {len(df)} images"
           + (f" with {args.tta} test-time augmentation" if args.tta else "") + " ...", flush=True)

@@ -310,7 +310,7 @@ def train_folds(df:pd.DataFrame, # canonical table of all labelled images
     save_dir = Path(save_dir)
     if tracker == "mlflow" and tracking_uri is None: tracking_uri = str(save_dir/"mlruns")
     task, seed = train_kwargs.get("task", "dr"), train_kwargs.get("random_seed", 42)
-    split = patient_kfold(df, n_splits=folds, label_col=task, seed=seed)
+    split = patient_kfold(df, n_splits=folds, label_col=get_task(task).data_task, seed=seed)
     extra = train_kwargs.pop("callbacks", None) or []
     runs = []
     for k in range(folds):
@@ -427,9 +427,9 @@ def run_recipe_bench(args:argparse.Namespace, # the parsed `fundus-lab bench rec
     "`fundus-lab bench recipes`: read and check the photos, run `bench_recipes` and print its table."
     overrides = _typed_options(args.set)
     task = dataset_task(args, args.task, TrainConfig().task)
-    df = read_checked(args, task, "benchmarked")
+    df = read_checked(args, get_task(task).data_task, "benchmarked")
     test = argparse.Namespace(labels_csv=args.test_csv, img_dir=args.test_dir, format=args.format, keep_ungradable=args.keep_ungradable)
-    test_df = None if args.test_csv is None and args.test_dir is None else read_checked(test, task, "benchmarked")
+    test_df = None if args.test_csv is None and args.test_dir is None else read_checked(test, get_task(task).data_task, "benchmarked")
     try: recipes = [r if r == DEFAULT_RECIPE else str(config_path(r)) if Path(r).suffix else r for r in args.recipes]
     except FileNotFoundError as e: raise CommandError(f"--recipes: {e}") from None
     for name in recipes:

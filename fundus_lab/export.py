@@ -28,21 +28,22 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses torch.jit.script, d
     warnings.simplefilter("ignore", FutureWarning)
     from fundus_lab.augment import tta_views
     from fundus_lab.multitask import load_any_model
-    from fundus_lab.train import get_task, preprocessing_options
+    from fundus_lab.train import ACTIVATIONS, get_task, preprocessing_options
 
 # %% auto #0
-__all__ = ['ONNX_INPUT', 'ONNX_OUTPUT', 'DEFAULT_OPSET', 'DEFAULT_TOLERANCE', 'METADATA_KEYS', 'CONFIG_METADATA',
-           'PREDICT_OPERATING_POINTS', 'ExportMismatchError', 'onnx_metadata', 'supported_opsets', 'export_onnx',
-           'TorchClassifier', 'OnnxClassifier', 'load_onnx', 'load_classifier', 'prepare_input', 'output_groups',
-           'logits_to_probs', 'classifier_probs', 'operating_point_for', 'list_images', 'predict_images', 'cpu_name',
-           'latency_table', 'gradcam_target', 'gradcam', 'gradcam_overlay', 'plot_gradcam', 'heat_on_lesions',
-           'cmd_export', 'cmd_predict']
+__all__ = ['ONNX_INPUT', 'ONNX_OUTPUT', 'DEFAULT_OPSET', 'DEFAULT_TOLERANCE', 'METADATA_KEYS', 'OPTIONAL_METADATA_KEYS',
+           'CONFIG_METADATA', 'PREDICT_OPERATING_POINTS', 'ExportMismatchError', 'onnx_metadata', 'supported_opsets',
+           'export_onnx', 'TorchClassifier', 'OnnxClassifier', 'load_onnx', 'load_classifier', 'prepare_input',
+           'output_groups', 'logits_to_probs', 'classifier_probs', 'operating_point_for', 'list_images',
+           'predict_images', 'cpu_name', 'latency_table', 'gradcam_target', 'gradcam', 'gradcam_overlay',
+           'plot_gradcam', 'heat_on_lesions', 'cmd_export', 'cmd_predict']
 
 # %% ../nbs/20_export.ipynb #5840caac
 ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
 DEFAULT_OPSET = 18
 DEFAULT_TOLERANCE = 1e-4
 METADATA_KEYS = ("class_names", "image_size", "mean", "std", "preprocessing", "task")
+OPTIONAL_METADATA_KEYS = ("thresholds",)  # the grade cut points of a regression model
 CONFIG_METADATA = "fundus_lab.config"
 
 class ExportMismatchError(ValueError):
@@ -50,8 +51,9 @@ class ExportMismatchError(ValueError):
 
 def onnx_metadata(config:dict, # the model config saved with the checkpoint
                  ) -> dict[str, str]:
-    "The ONNX `metadata_props` for a model config: each of `METADATA_KEYS` and the whole config, as JSON strings."
-    return {CONFIG_METADATA: json.dumps(config), **{key: json.dumps(config[key]) for key in METADATA_KEYS}}
+    "The ONNX `metadata_props` for a model config: each of `METADATA_KEYS` (and the grade thresholds of a regression model) and the whole config, as JSON strings."
+    optional = [key for key in OPTIONAL_METADATA_KEYS if key in config]
+    return {CONFIG_METADATA: json.dumps(config), **{key: json.dumps(config[key]) for key in (*METADATA_KEYS, *optional)}}
 
 def supported_opsets(dynamo:bool=False, # the torch.export exporter instead of the TorchScript one
                     ) -> tuple[int, int]:
@@ -118,7 +120,7 @@ def export_onnx(model_path, # a checkpoint written by save_model / save_any_mode
     return {"model_path": str(model_path), "onnx_path": str(onnx_path), "model_name": config["model_name"],
             "task": config["task"], "image_size": size, "opset": opset,
             "exporter": "torch.export (dynamo)" if dynamo else "TorchScript", "checked_batch": int(checked.shape[0]),
-            "max_abs_diff": max_abs_diff, "tolerance": tolerance, "size_bytes": len(data)}
+            "max_abs_diff": max_abs_diff, "tolerance": tolerance, "size_bytes": len(data), "thresholds": config.get("thresholds")}
 
 # %% ../nbs/20_export.ipynb #eb5d473e
 class TorchClassifier:
@@ -193,17 +195,20 @@ def output_groups(config:dict, # the model config
     "(prefix, class names, activation) for each group of logits: one group, or one per task of a multi-task model."
     task = get_task(config["task"])
     if not task.one_head: return [(f"{head}_", list(config["class_names"][head]), "softmax") for head in config["num_classes"]]
-    return [("", list(config["class_names"]), "sigmoid" if task.binary else "softmax")]
+    return [("", list(config["class_names"]), task.activation)]
+
+def _width(names:list[str], activation:str) -> int:
+    "How many outputs a group has: one per class, or the one score of a regression head ('identity')."
+    return 1 if activation == "identity" else len(names)
 
 def logits_to_probs(logits:np.ndarray, # N x outputs logits
                     config:dict, # the model config
                    ) -> np.ndarray:
-    "Probabilities N x outputs: softmax within each group of `output_groups`, sigmoid for multi-label models."
+    "Probabilities N x outputs: softmax within each group of `output_groups`, sigmoid for multi-label models; a regression score as is."
     logits, start, parts = torch.from_numpy(np.asarray(logits, np.float32)), 0, []
     for _, names, activation in output_groups(config):
-        part = logits[:, start:start + len(names)]
-        parts.append(part.softmax(1) if activation == "softmax" else part.sigmoid())
-        start += len(names)
+        parts.append(ACTIVATIONS[activation](logits[:, start:start + _width(names, activation)]))
+        start += _width(names, activation)
     return torch.cat(parts, 1).numpy()
 
 def classifier_probs(classifier, # a TorchClassifier or an OnnxClassifier
@@ -234,13 +239,15 @@ def operating_point_for(config:dict, # the model config (from a checkpoint or an
         why = record.get("unavailable", "it was saved before training stored them") if dr_grades else f"it is a {config['task']!r} model"
         raise ValueError(f"The model has no saved operating points ({why}); predict without --operating-point.")
     chosen = name or "high_sensitivity"
-    return {"name": chosen, **{k: record[chosen][k] for k in ("threshold", "sensitivity", "specificity")}}
+    return {"name": chosen, "score": get_task(config["task"]).referable_score,
+            **{k: record[chosen][k] for k in ("threshold", "sensitivity", "specificity")}}
 
 def _add_referral(table:pd.DataFrame, config:dict, point:dict|None) -> pd.DataFrame:
     "`table` with `referable_score`, `referable` and `operating_point` columns at `point` (unchanged when None)."
     if point is None: return table
     prefix, names = dr_grade_head(config)
-    score = table[[f"{prefix}prob_{n}" for n in names[2:]]].to_numpy(np.float64).sum(1)  # grade 2 or worse: referable
+    score = (table[f"{prefix}score"].to_numpy(np.float64) if f"{prefix}score" in table  # a regression score
+             else table[[f"{prefix}prob_{n}" for n in names[2:]]].to_numpy(np.float64).sum(1))  # P(grade >= 2)
     return table.assign(referable_score=score, referable=np.where(score >= point["threshold"], "refer", "no referral"),
                         operating_point=point["name"])
 
@@ -284,7 +291,7 @@ def predict_images(model, # a model file (.pth or .onnx), or a TorchClassifier /
     point = operating_point_for(classifier.config, operating_point)
     files = list_images(images)
     problems, qualities, inputs = _graded_inputs(files, classifier.config, min_quality)
-    n_outputs = sum(len(names) for _, names, _ in output_groups(classifier.config))
+    n_outputs = sum(_width(names, activation) for _, names, activation in output_groups(classifier.config))
     probs = np.full((len(files), n_outputs), np.nan, np.float32)
     graded = [i for i, p in enumerate(problems) if p is None]
     if graded:
@@ -293,12 +300,14 @@ def predict_images(model, # a model file (.pth or .onnx), or a TorchClassifier /
                                         for i in range(0, len(stacked), batch_size)])
     table, start = pd.DataFrame({"image": [str(f) for f in files]}), 0
     for prefix, names, activation in output_groups(classifier.config):
-        group = probs[:, start:start + len(names)]
-        if activation == "softmax": table[f"{prefix}predicted"] = [names[k] for k in group.argmax(1)]
-        else: table[f"{prefix}predicted"] = ["+".join(n for n, p in zip(names, row) if p >= 0.5) or "none" for row in group]
+        group, task = probs[:, start:start + _width(names, activation)], get_task(classifier.config["task"])
+        if activation == "sigmoid": table[f"{prefix}predicted"] = ["+".join(n for n, p in zip(names, row) if p >= 0.5) or "none" for row in group]
+        else: table[f"{prefix}predicted"] = [names[k] for k in task.grades(np.nan_to_num(group), classifier.config)]
         table.loc[[p is not None for p in problems], f"{prefix}predicted"] = "ungradable"
-        for k, name in enumerate(names): table[f"{prefix}prob_{name}"] = group[:, k]
-        start += len(names)
+        if activation == "identity": table[f"{prefix}score"] = group[:, 0]
+        else:
+            for k, name in enumerate(names): table[f"{prefix}prob_{name}"] = group[:, k]
+        start += _width(names, activation)
     table = _add_referral(table, classifier.config, point)
     ungradable = np.array([p is not None for p in problems])
     if "referable" in table: table.loc[ungradable, "referable"] = "ungradable"
@@ -462,7 +471,8 @@ def cmd_export(args:argparse.Namespace) -> int:
           f"({report['size_bytes']/1e6:.2f} MB, opset {report['opset']}, {report['exporter']} exporter)\n"
           f"Max abs diff vs PyTorch on {report['checked_batch']} images: {report['max_abs_diff']:.3g} "
           f"(tolerance {report['tolerance']:g})\n"
-          f"Predict with it: fundus-lab predict --model-path {report['onnx_path']} IMAGES...")
+          + (f"Grade thresholds (saved in the metadata): {', '.join(f'{t:.3f}' for t in report['thresholds'])}\n" if report["thresholds"] else "")
+          + f"Predict with it: fundus-lab predict --model-path {report['onnx_path']} IMAGES...")
     return 0
 
 def _predict_arguments(parser:argparse.ArgumentParser):
@@ -512,7 +522,7 @@ def cmd_predict(args:argparse.Namespace) -> int:
 def _decision_note(point:dict|None, table:pd.DataFrame) -> str:
     "What decided `referable`, and which photos were not graded (the first 20) and why."
     note = ("No operating points are saved in the model: no referral decision." if point is None else
-            f"Referable DR: refer when P(grade >= 2) >= {point['threshold']:.4f}, the {point['name'].replace('_', '-')} operating point "
+            f"Referable DR: refer when {point['score']} >= {point['threshold']:.4f}, the {point['name'].replace('_', '-')} operating point "
             f"(on the validation split: sensitivity {point['sensitivity']:.3f}, specificity {point['specificity']:.3f}).")
     ungradable = table[~table.gradable.astype(bool)] if "gradable" in table else table.iloc[:0]
     if len(ungradable):

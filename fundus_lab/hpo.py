@@ -20,7 +20,7 @@ from .core import (CommandError, check_device, dataset_arguments,
                             command, fraction, non_negative_int, positive_float, positive_int)
 from .core import PACKAGE_DIR
 from .experiments import save_training_config
-from .train import MONITOR, TRAIN_TASKS, config_fields, save_figure, train_model
+from .train import MONITOR, TRAIN_TASKS, config_fields, get_task, save_figure, train_model
 from fastai.callback.core import Callback, CancelFitException  # after fundus_lab.train, which mutes fastai's import warnings
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import defaults as fastai_defaults
@@ -456,7 +456,7 @@ def cmd_tune(args:argparse.Namespace) -> int:
     clash = sorted(f"--{k.replace('_', '-')}" for k in fixed if k in searched)
     if clash: raise CommandError(f"{', '.join(clash)} fixed on the command line but also searched in {args.hp_config}; drop one.")
     if args.device is not None: check_device(args.device)
-    df = read_checked(args, args.task, "trained")
+    df = read_checked(args, get_task(args.task).data_task, "trained")
     study = create_study(args.experiment, args.storage, args.save_dir, args.pruner, args.random_seed)
     study.set_user_attr("dataset", _plain({"labels_csv": args.labels_csv, "img_dir": args.img_dir, "format": args.format}))
     task = fixed.pop("task")

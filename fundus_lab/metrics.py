@@ -86,6 +86,7 @@ def macro_auroc(y_true, # true class indices, shape (n,)
 def classification_metrics(y_true, # true class indices, shape (n,)
                            probs, # class probabilities (or scores), shape (n, C); arg-max is the prediction
                            class_names:list[str]|None=None, # names of the C classes (default '0'..'C-1')
+                           y_pred=None, # predicted classes (e.g. a regression score cut at thresholds); None: the arg-max of probs
                           ) -> dict:
     "Accuracy, QWK, macro-F1, macro AUROC, confusion matrix and per-class report for single-label predictions."
     y_true, probs = _as_labels_and_probs(y_true, probs)
@@ -93,7 +94,8 @@ def classification_metrics(y_true, # true class indices, shape (n,)
     class_names = [str(c) for c in range(num_classes)] if class_names is None else list(class_names)
     if len(class_names) != num_classes:
         raise ValueError(f"class_names has {len(class_names)} names but probs has {num_classes} columns.")
-    y_pred = probs.argmax(1)
+    y_pred = probs.argmax(1) if y_pred is None else np.asarray(y_pred).astype(int)
+    if y_pred.shape != y_true.shape: raise ValueError(f"y_pred must hold one class per row of probs: got shape {y_pred.shape} for {y_true.shape}.")
     labels = list(range(num_classes))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class = {}

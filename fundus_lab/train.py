@@ -57,16 +57,18 @@ from .retfound import (RETFOUND_LAYOUTS, CheckpointError, layer_decay_hypers, la
 
 # %% auto #0
 __all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'HIGH_SENSITIVITY', 'HIGH_SPECIFICITY', 'OPERATING_RULE',
-           'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES', 'REFERABLE_HEADS', 'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR',
-           'SCHEDULES', 'ADAPTATIONS', 'UNFREEZE_MODES', 'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES',
-           'FundusDataset', 'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback', 'plot_history',
-           'save_figure', 'choose_operating_points', 'dr_grade_head', 'add_operating_points', 'cosine_warmup_schedule',
-           'cosine_scheduler', 'world_size', 'is_main_process', 'distributed_context', 'Task', 'DRTask', 'DMETask',
-           'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask', 'register_task', 'get_task', 'trainable_tasks',
-           'cache_folder', 'resolved_cache_dir', 'option', 'TrainConfig', 'config_fields', 'config_key', 'check_option',
-           'config_arguments', 'LossScheduleCallback', 'input_size_kwargs', 'check_recipe_options', 'drop_path_kwargs',
-           'training_losses', 'load_retfound_backbone', 'build_model', 'set_stage_rates', 'probe_features',
-           'linear_probe_stage', 'resolve_adaptation', 'train_model']
+           'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES', 'REFERABLE_HEADS', 'ACTIVATIONS', 'REGRESSION_LOSSES',
+           'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR', 'SCHEDULES', 'ADAPTATIONS', 'UNFREEZE_MODES', 'CONFIG_GROUPS',
+           'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES', 'FundusDataset', 'make_dataloaders', 'preprocessing_options',
+           'TrainingRunCallback', 'plot_history', 'save_figure', 'choose_operating_points', 'dr_grade_head',
+           'add_operating_points', 'cosine_warmup_schedule', 'cosine_scheduler', 'world_size', 'is_main_process',
+           'distributed_context', 'Task', 'GradeRegressionLoss', 'regression_metrics', 'validation_outputs',
+           'tune_thresholds', 'DRTask', 'DRRegressionTask', 'DMETask', 'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask',
+           'register_task', 'get_task', 'trainable_tasks', 'task_losses', 'cache_folder', 'resolved_cache_dir',
+           'option', 'TrainConfig', 'config_fields', 'config_key', 'check_option', 'config_arguments',
+           'LossScheduleCallback', 'input_size_kwargs', 'check_recipe_options', 'drop_path_kwargs', 'training_losses',
+           'load_retfound_backbone', 'build_model', 'set_stage_rates', 'probe_features', 'linear_probe_stage',
+           'resolve_adaptation', 'train_model']
 
 # %% ../nbs/08_train.ipynb #2c2cd1a5
 class FundusDataset(Dataset):
@@ -352,7 +354,7 @@ from .multitask import load_any_model
 
 HIGH_SENSITIVITY = 0.90  # the high-sensitivity operating point reaches at least this sensitivity
 HIGH_SPECIFICITY = 0.907  # the high-specificity one at least this specificity (IDx-DR pivotal trial, Abramoff et al. 2018)
-OPERATING_RULE = ("refer when P(grade >= 2) >= threshold; high_sensitivity: the highest threshold with validation "
+OPERATING_RULE = ("refer when {score} >= threshold; high_sensitivity: the highest threshold with validation "
                   "sensitivity >= {sensitivity}; high_specificity: the lowest threshold with validation specificity >= {specificity}")
 
 def choose_operating_points(positive, # 1 = referable, shape (n,)
@@ -396,16 +398,16 @@ def add_operating_points(model_path, # best_model.pth written by training
     model, config = load_any_model(model_path, device=str(device))
     head = dr_grade_head(config)
     if head is None: return None
-    dr_column = list(config["label_columns"]).index("dr")
+    dr_column, task = list(config["label_columns"]).index("dr"), get_task(config["task"])
     grades, scores = [], []
     with torch.inference_mode():
         for images, labels in valid_loader:
             logits = model(images.to(device)).float()
             if head[0]: logits = model.split_logits(logits)["dr"]
-            scores.append(logits.softmax(1)[:, 2:].sum(1).cpu().numpy())  # grade 2 (moderate) or worse: referable
+            scores.append(np.asarray(task.referable_scores(task.activate(logits).cpu(), config)))  # grade 2 (moderate) or worse
             grades.append(labels.reshape(len(labels), -1)[:, dr_column].cpu().numpy())
     referable, scores = np.concatenate(grades).astype(int) >= 2, np.concatenate(scores)
-    record = {"rule": OPERATING_RULE.format(sensitivity=min_sensitivity, specificity=min_specificity),
+    record = {"rule": OPERATING_RULE.format(score=task.referable_score, sensitivity=min_sensitivity, specificity=min_specificity),
               "chosen_on": "validation split", "n_images": int(len(scores)), "n_referable": int(referable.sum()),
               "n_non_referable": int((~referable).sum())}
     if referable.all() or not referable.any():
@@ -488,6 +490,7 @@ def distributed_context(learn, # a fastai `Learner`
 TASK_CLASS_NAMES = {"dr": list(DR_GRADES), "dme": list(DME_GRADES), "multilabel": [ODIR_NAMES[c] for c in UNIFIED_LABELS]}
 MULTILABEL_TRAIN_LOSSES = MULTILABEL_LOSSES + ("bce",)
 REFERABLE_HEADS = ("dr",)  # label columns holding the five DR grades: evaluation adds referable-DR metrics
+ACTIVATIONS = {"softmax": lambda z: z.softmax(1), "sigmoid": torch.sigmoid, "identity": lambda z: z}
 
 def _task_loss(loss:str, counts:list[int]|None, focal_gamma:float, loss_params:dict) -> nn.Module:
     "A single-label loss module built from the training split's class counts."
@@ -507,6 +510,9 @@ class Task:
     ordered:bool = True # the classes are ordered grades, so quadratic weighted kappa means something
     probe:bool = True # a linear probe can fit its head (`probe_head`), so adaptation 'auto' means 'lp_ft'
     bench_metrics:tuple = (("qwk", "qwk"), ("accuracy", "accuracy"), ("referable_auroc", "referable.auc")) # (column, key of the evaluation metrics) of `bench_recipes`
+    activation:str = "softmax" # what turns the logits into what evaluation scores: softmax, sigmoid or identity (a regression score)
+    probabilities:bool = True # the activated outputs are probabilities, so calibration (ECE) means something
+    referable_score:str = "P(grade >= 2)" # what the referable-DR operating points threshold, in words
 
     def prepare(self, df:pd.DataFrame, valid_df:pd.DataFrame|None) -> tuple:
         "The training and validation tables with the task's label columns, and facts learned from them (e.g. its classes)."
@@ -583,7 +589,100 @@ class Task:
         "The evaluation metrics of the model from those of each head."
         return next(iter(per_head.values()))
 
+    @property
+    def data_task(self) -> str:
+        "The `fundus_lab.data` task whose label columns a dataset needs to be read and checked for this task."
+        return self.name
+
+    def activate(self, logits:torch.Tensor) -> torch.Tensor:
+        "What evaluation scores from a head's logits: its probabilities, or a regression head's score itself."
+        return ACTIVATIONS[self.activation](logits)
+
+    def grades(self, outputs:np.ndarray, config:dict) -> np.ndarray:
+        "The predicted class of each row of a head's activated outputs: the most probable one."
+        return np.asarray(outputs).argmax(1)
+
+    def referable_scores(self, outputs:np.ndarray, config:dict) -> np.ndarray:
+        "The referable-DR score of each row of a five-grade DR head's activated outputs (array or tensor): P(grade >= 2)."
+        return outputs[:, 2:].sum(1)
+
+    def class_scores(self, outputs:np.ndarray, config:dict) -> np.ndarray:
+        "One score per class and row (higher: more likely that class) for the one-vs-rest metrics: the probabilities."
+        return outputs
+
+    def ensemble_config(self, configs:list[dict]) -> dict:
+        "The config whose rules grade the averaged outputs of an ensemble of this task's models."
+        return configs[0]
+
+    def finish_model(self, model_path, valid_loader, device) -> dict|None:
+        "Settle what the saved best model needs after training, on the validation split; None: nothing to settle."
+        return None
+
     def __repr__(self): return f"{type(self).__name__}({self.name!r})"
+
+# %% ../nbs/08_train.ipynb #f19cb169
+from fastai.metrics import AccumMetric
+from .calibration import DEFAULT_THRESHOLDS, apply_thresholds, optimise_qwk_thresholds
+from .metrics import accuracy, macro_f1, quadratic_weighted_kappa
+
+# %% ../nbs/08_train.ipynb #fe97d2d6
+REGRESSION_LOSSES = ("smooth_l1", "mse")
+_REGRESSION_PARAMS = {"smooth_l1": ("beta",), "mse": ()}
+
+class GradeRegressionLoss(nn.Module):
+    "SmoothL1 or squared error between a one-output head and the integer grade."
+    def __init__(self,
+                 kind:str="smooth_l1", # 'smooth_l1' or 'mse'
+                 **params, # smooth_l1: beta, where the loss turns from quadratic to linear (default 1)
+                ):
+        super().__init__()
+        if kind not in REGRESSION_LOSSES: raise ValueError(f"loss={kind!r}: a regression head trains with one of {REGRESSION_LOSSES}.")
+        unknown = [k for k in params if k not in _REGRESSION_PARAMS[kind]]
+        if unknown: raise ValueError(f"--loss-params: unknown parameter(s) {unknown} for the loss {kind!r}; "
+                                     f"its parameters are {list(_REGRESSION_PARAMS[kind]) or 'none'}.")
+        self.kind, self.params = kind, params
+        self.fn = nn.functional.smooth_l1_loss if kind == "smooth_l1" else nn.functional.mse_loss
+
+    def forward(self, output:torch.Tensor, target:torch.Tensor) -> torch.Tensor:
+        return self.fn(output.reshape(len(output), -1)[:, 0].float(), target.float(), **self.params)
+
+def regression_metrics(thresholds=DEFAULT_THRESHOLDS, # cut points of the grades
+                       num_classes:int=5, # number of grades
+                      ) -> list:
+    "fastai metrics of a one-output head cut into grades at `thresholds`: accuracy, QWK ('qwk') and macro-F1 ('macro_f1')."
+    graded = lambda score: (lambda preds, targs: score(targs, apply_thresholds(preds, thresholds)))
+    return [AccumMetric(graded(accuracy), to_np=True, name="accuracy"),
+            AccumMetric(graded(lambda y, p: quadratic_weighted_kappa(y, p, num_classes)), to_np=True, name="qwk"),
+            AccumMetric(graded(macro_f1), to_np=True, name="macro_f1")]
+
+def validation_outputs(model_path, # best_model.pth written by training
+                       valid_loader, # (images, labels) batches of the validation split
+                       device:str|torch.device="cpu", # where to run the model
+                      ) -> tuple:
+    "(model, config, activated outputs (n, k), labels (n, label columns)) of a saved one-head model on the validation split."
+    model, config = load_any_model(model_path, device=str(device))
+    task, outputs, labels = get_task(config["task"]), [], []
+    with torch.inference_mode():
+        for images, y in valid_loader:
+            outputs.append(task.activate(model(images.to(device)).float()).cpu().numpy())
+            labels.append(y.reshape(len(y), -1).cpu().numpy())
+    return model, config, np.concatenate(outputs), np.concatenate(labels)
+
+def tune_thresholds(model_path, # best_model.pth of a regression task
+                    valid_loader, # (images, labels) batches of the validation split
+                    device:str|torch.device="cpu", # where to run the model
+                   ) -> dict:
+    "Tune the grade thresholds for QWK on the validation split and save them in the model file's config."
+    model, config, outputs, labels = validation_outputs(model_path, valid_loader, device)
+    initial, grades, scores = list(config["thresholds"]), labels[:, 0].astype(int), outputs[:, 0]
+    qwk = lambda t: float(np.nan_to_num(quadratic_weighted_kappa(grades, apply_thresholds(scores, t), len(config["class_names"])), nan=-1.0))
+    share = np.cumsum(np.bincount(grades, minlength=len(initial) + 1))[:-1] / len(grades)  # grades below each cut
+    starts = [initial, np.quantile(scores, share)]  # the training cuts, and cuts giving the validation grade mix
+    tuned = max(([float(t) for t in optimise_qwk_thresholds(scores, grades, s)] for s in starts), key=qwk)  # first wins ties
+    record = {"initial": initial, "chosen_on": "validation split", "n_images": int(len(scores)),
+              "qwk_initial": qwk(initial), "qwk_tuned": qwk(tuned)}
+    save_any_model(model_path, model, {**config, "thresholds": tuned, "threshold_tuning": record})
+    return {"thresholds": tuned, **record}
 
 # %% ../nbs/08_train.ipynb #9599dd30
 class DRTask(Task):
@@ -594,6 +693,22 @@ class DRTask(Task):
             raise ValueError(f"DR grading has {len(DR_GRADES)} grades (0-4); got num_classes={num_classes}.")
         return {"dr": len(DR_GRADES)}
     def best_summary(self, best): return f"validation qwk {best['qwk']:.4f}, accuracy {best['accuracy']:.4f}"
+
+class DRRegressionTask(DRTask):
+    "The DR grade as one regression output cut at thresholds; the best validation QWK is kept, then the thresholds are tuned for QWK."
+    name, losses, default_loss, data_task = "dr_regression", REGRESSION_LOSSES, "smooth_l1", "dr"
+    activation, probabilities, referable_score = "identity", False, "the regression score"
+    selection = "validation qwk at thresholds " + ", ".join(map(str, DEFAULT_THRESHOLDS))
+    def model_config(self, model_name, classes, facts, timm_kwargs):
+        return {**super().model_config(model_name, classes, facts, timm_kwargs), "num_classes": 1, "thresholds": list(DEFAULT_THRESHOLDS)}
+    def make_losses(self, loss, class_counts, focal_gamma, loss_params): return {"dr": GradeRegressionLoss(loss, **loss_params)}
+    def metrics(self, classes): return regression_metrics(DEFAULT_THRESHOLDS, classes["dr"])
+    def grades(self, outputs, config): return apply_thresholds(np.asarray(outputs)[:, 0], config["thresholds"])
+    def referable_scores(self, outputs, config): return np.asarray(outputs, dtype=np.float64)[:, 0]
+    def class_scores(self, outputs, config):  # closeness of the score to each grade
+        return -np.abs(np.asarray(outputs, dtype=np.float64)[:, :1] - np.arange(len(config["class_names"])))
+    def ensemble_config(self, configs): return {**configs[0], "thresholds": np.mean([c["thresholds"] for c in configs], 0).tolist()}
+    def finish_model(self, model_path, valid_loader, device): return tune_thresholds(model_path, valid_loader, device)
 
 class DMETask(Task):
     "The DME risk (column `dme`, 3 classes) of a model saved by other code; `train_model` trains it only with DR (multitask)."
@@ -647,6 +762,7 @@ class MultiTaskTask(Task):
 class MultiLabelTask(Task):
     "The ODIR disease flags `UNIFIED_LABELS` as seven sigmoid outputs; the best validation macro-F1 is kept."
     name, binary, monitor, selection, headline = "multilabel", True, "macro_f1", "validation macro_f1", "macro_f1"
+    activation = "sigmoid"
     losses, default_loss = MULTILABEL_TRAIN_LOSSES, "adaptive_focal"
     bench_metrics = (("macro_auroc", "auc_macro"), ("odir_score", "odir_score"), ("macro_f1", "macro_f1"))
     def classes(self, num_classes, facts):
@@ -675,7 +791,7 @@ def register_task(task:Task, # an instance of a `Task` subclass with a new `name
     TASK_REGISTRY[task.name] = task
     return task
 
-for _task in (DRTask(), MultiTaskTask(), MultiLabelTask(), DiseaseTask(), DMETask()): register_task(_task)
+for _task in (DRTask(), MultiTaskTask(), MultiLabelTask(), DiseaseTask(), DMETask(), DRRegressionTask()): register_task(_task)
 
 def get_task(name:str, # a registered task name, e.g. 'dr'
              training:bool=False, # refuse a task that `train_model` cannot train
@@ -690,6 +806,10 @@ def get_task(name:str, # a registered task name, e.g. 'dr'
 def trainable_tasks() -> tuple[str, ...]:
     "Names of the tasks `train_model` trains."
     return tuple(name for name, task in TASK_REGISTRY.items() if task.trainable)
+
+def task_losses() -> tuple[str, ...]:
+    "Every loss some trainable registered task trains with, each once, in registration order."
+    return tuple(dict.fromkeys(loss for name in trainable_tasks() for loss in TASK_REGISTRY[name].losses))
 
 TRAIN_TASKS = trainable_tasks()
 MONITOR = {name: TASK_REGISTRY[name].monitor for name in TRAIN_TASKS}
@@ -730,7 +850,7 @@ class TrainConfig:
     task: str = option("dr", "what to learn: dr = the DR grade (5 classes); multitask = DR grade and DME risk (3 classes) "
                        "with one backbone and uncertainty-weighted losses, e.g. on IDRiD; multilabel = disease flags of "
                        "ODIR-style data; disease = one diagnosis per photo among the ODIR codes, e.g. class folders normal/, "
-                       "cataract/, glaucoma/", "data and run", choices=trainable_tasks)
+                       "cataract/, glaucoma/; dr_regression = the DR grade as one regression output cut at thresholds tuned for QWK", "data and run", choices=trainable_tasks)
     val_split: float = option(0.2, "share of patients held out for validation; both eyes of a patient stay together",
                               "data and run", fraction)
     random_seed: int = option(42, "seed for the split, initialisation, shuffling and augmentation", "data and run", int)
@@ -792,9 +912,9 @@ class TrainConfig:
     loss: str|None = option(None, "training loss (none: ce, adaptive_focal for multilabel): ce = cross-entropy, weighted_ce = "
                             "inverse-frequency class weights, focal, cb_focal = focal with class-balanced weights, "
                             "smooth_modulation = class weights switched in over the epochs (for each task with --task "
-                            "multitask); multilabel: sigmoid_focal, adaptive_focal, asymmetric, bce. Class weights come "
-                            "from the training split", "loss and augmentation",
-                            choices=MULTICLASS_LOSSES + MULTILABEL_TRAIN_LOSSES)
+                            "multitask); multilabel: sigmoid_focal, adaptive_focal, asymmetric, bce; dr_regression: smooth_l1 "
+                            "(default), mse. Class weights come from the training split", "loss and augmentation",
+                            choices=task_losses)
     focal_gamma: float = option(2.0, "focusing parameter gamma of the focal losses; 0 gives cross-entropy",
                                 "loss and augmentation", non_negative_float)
     loss_params: dict|None = option(None, "more loss parameters as a JSON object, e.g. '{\"alpha\": 0.25}'",
@@ -1184,15 +1304,19 @@ def _finish(task:Task, c:TrainConfig, save_dir:Path, saver:TrainingRunCallback, 
     curves_path = save_dir/"training_curves.png"
     if is_main_process(): save_figure(plot_history(saver.history, f"{c.model_name} ({task.name})"), curves_path)
     kept = is_main_process() and Path(saver.model_path).is_file()  # a resumed run may not have beaten the best epoch
+    settled = task.finish_model(saver.model_path, valid_loader, device) if kept else None
     operating = add_operating_points(saver.model_path, valid_loader, device) if kept else None
     best = saver.best_record
     print(f"Best epoch {best['epoch']}: {task.best_summary(best)}.\n"
           f"Model: {saver.model_path}\nHistory: {saver.history_path}\nRun config: {save_dir/'config.json'}")
+    if settled and "thresholds" in settled:
+        print(f"Grade thresholds tuned on the validation split: {', '.join(f'{t:.3f}' for t in settled['thresholds'])} "
+              f"(QWK {settled['qwk_initial']:.4f} at {settled['initial']} -> {settled['qwk_tuned']:.4f}).")
     if operating: print(_operating_line(operating))
     return {"best_model_path": str(saver.model_path), "history_path": str(saver.history_path),
             "config_path": str(save_dir/"config.json"), "curves_path": str(curves_path),
             "last_checkpoint_path": str(saver.last_path), "best_metrics": best, "epochs_run": len(saver.history),
-            "operating_points": operating}
+            "operating_points": operating, "finished": settled}
 
 def train_model(df:pd.DataFrame, # canonical table of the training images (validation is split off by patient)
                 save_dir, # folder for the models, checkpoints, training_history.json, training_curves.png, config.json
