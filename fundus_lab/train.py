@@ -58,16 +58,18 @@ from .retfound import (RETFOUND_LAYOUTS, CheckpointError, layer_decay_hypers, la
 # %% auto #0
 __all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'HIGH_SENSITIVITY', 'HIGH_SPECIFICITY', 'OPERATING_RULE',
            'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES', 'REFERABLE_HEADS', 'ACTIVATIONS', 'REGRESSION_LOSSES',
-           'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR', 'SCHEDULES', 'ADAPTATIONS', 'UNFREEZE_MODES', 'CONFIG_GROUPS',
-           'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES', 'FundusDataset', 'make_dataloaders', 'preprocessing_options',
-           'TrainingRunCallback', 'plot_history', 'save_figure', 'choose_operating_points', 'dr_grade_head',
-           'add_operating_points', 'cosine_warmup_schedule', 'cosine_scheduler', 'world_size', 'is_main_process',
-           'distributed_context', 'Task', 'GradeRegressionLoss', 'regression_metrics', 'validation_outputs',
-           'tune_thresholds', 'DRTask', 'DRRegressionTask', 'DMETask', 'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask',
-           'register_task', 'get_task', 'trainable_tasks', 'task_losses', 'cache_folder', 'resolved_cache_dir',
-           'option', 'TrainConfig', 'config_fields', 'config_key', 'check_option', 'config_arguments',
-           'LossScheduleCallback', 'input_size_kwargs', 'check_recipe_options', 'drop_path_kwargs', 'training_losses',
-           'load_retfound_backbone', 'build_model', 'set_stage_rates', 'probe_features', 'linear_probe_stage',
+           'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR', 'AUTO_LR', 'SCHEDULES', 'ADAPTATIONS', 'UNFREEZE_MODES',
+           'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES', 'LR_SUGGESTION', 'PRACTICE_OPTIONS',
+           'FundusDataset', 'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback', 'plot_history',
+           'save_figure', 'choose_operating_points', 'dr_grade_head', 'add_operating_points', 'cosine_warmup_schedule',
+           'cosine_scheduler', 'world_size', 'is_main_process', 'distributed_context', 'Task', 'GradeRegressionLoss',
+           'regression_metrics', 'validation_outputs', 'tune_thresholds', 'DRTask', 'DRRegressionTask', 'DMETask',
+           'DiseaseTask', 'MultiTaskTask', 'MultiLabelTask', 'register_task', 'get_task', 'trainable_tasks',
+           'task_losses', 'learning_rate', 'image_sizes', 'cache_folder', 'resolved_cache_dir', 'option', 'TrainConfig',
+           'config_fields', 'config_key', 'check_option', 'config_arguments', 'LossScheduleCallback',
+           'input_size_kwargs', 'check_recipe_options', 'drop_path_kwargs', 'training_losses', 'load_retfound_backbone',
+           'build_model', 'set_stage_rates', 'probe_features', 'linear_probe_stage', 'MixUpLosses', 'CutMixLosses',
+           'EmaCallback', 'resize_schedule', 'ProgressiveResize', 'find_lr', 'check_training_options',
            'resolve_adaptation', 'train_model']
 
 # %% ../nbs/08_train.ipynb #2c2cd1a5
@@ -507,6 +509,7 @@ class Task:
     selection:str = "validation qwk" # that choice in words, for config.json
     headline:str = "qwk" # the metric named in the evaluation figures' titles
     one_head:bool = True # one backbone, one head: gradual unfreezing and LoRA apply
+    mixable:bool = True # one class index per image and one loss: MixUp and CutMix apply (the two labels' losses are mixed)
     ordered:bool = True # the classes are ordered grades, so quadratic weighted kappa means something
     probe:bool = True # a linear probe can fit its head (`probe_head`), so adaptation 'auto' means 'lp_ft'
     bench_metrics:tuple = (("qwk", "qwk"), ("accuracy", "accuracy"), ("referable_auroc", "referable.auc")) # (column, key of the evaluation metrics) of `bench_recipes`
@@ -738,6 +741,7 @@ class MultiTaskTask(Task):
     name, monitor, one_head, probe = "multitask", "score", False, False
     bench_metrics = (("dr_qwk", "tasks.dr.qwk"), ("dme_accuracy", "tasks.dme.accuracy"), ("joint_accuracy", "joint_accuracy"))
     selection = "validation score = mean of dr_qwk and dme_accuracy"
+    mixable = False  # two heads and their uncertainty-weighted losses
     def classes(self, num_classes, facts):
         if num_classes is not None:
             raise ValueError(f"The multi-task model has 5 DR grades and 3 DME grades; leave num_classes out (got {num_classes}).")
@@ -765,6 +769,7 @@ class MultiLabelTask(Task):
     activation = "sigmoid"
     losses, default_loss = MULTILABEL_TRAIN_LOSSES, "adaptive_focal"
     bench_metrics = (("macro_auroc", "auc_macro"), ("odir_score", "odir_score"), ("macro_f1", "macro_f1"))
+    mixable = False  # several labels per image
     def classes(self, num_classes, facts):
         if num_classes not in (None, len(UNIFIED_LABELS)):
             raise ValueError(f"The multi-label task has {len(UNIFIED_LABELS)} labels {UNIFIED_LABELS}; got num_classes={num_classes}.")
@@ -813,6 +818,41 @@ def task_losses() -> tuple[str, ...]:
 
 TRAIN_TASKS = trainable_tasks()
 MONITOR = {name: TASK_REGISTRY[name].monitor for name in TRAIN_TASKS}
+
+# %% ../nbs/08_train.ipynb #04826b80
+import shutil
+
+from timm.utils import ModelEmaV3
+from torch.nn import functional as F
+with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in torch 2.14 and pandas 3
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fastai.callback.fp16 import MixedPrecision
+    from fastai.callback.mixup import CutMix, MixHandler, MixUp
+    from fastai.callback.training import GradientAccumulation
+    from fastai.learner import defaults
+
+from .core import sized
+
+# %% ../nbs/08_train.ipynb #d49ff587
+AUTO_LR = "auto"  # the learning-rate value that asks for fastai's lr_find
+
+def learning_rate(text:str, # the option value as typed: a number or 'auto'
+                 ) -> float|str:
+    "A learning rate > 0, or 'auto' (chosen by fastai's `lr_find` before the stage trains)."
+    if str(text).strip().lower() == AUTO_LR: return AUTO_LR
+    try: return positive_float(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"{text} is not a positive number or 'auto'") from None
+
+def image_sizes(text:str, # the option value as typed, e.g. '128,192', or a YAML list written out, '[128, 192]'
+               ) -> list[int]:
+    "Image sizes in pixels, from small to large, each once."
+    parts = str(text).strip().strip("[]()").replace(",", " ").split()
+    try: sizes = [positive_int(p) for p in parts]
+    except (ValueError, argparse.ArgumentTypeError): sizes = []
+    if not sizes: raise argparse.ArgumentTypeError(f"{text!r} is not a list of image sizes in pixels (e.g. 128,192)")
+    if sizes != sorted(set(sizes)): raise argparse.ArgumentTypeError(f"{text!r}: list the sizes from small to large, each once")
+    return sizes
 
 # %% ../nbs/08_train.ipynb #300a97cd
 SCHEDULES = ("one_cycle", "cosine")
@@ -882,13 +922,15 @@ class TrainConfig:
                              "where a probe applies (one linear head, no LoRA, no two-stage or gradual unfreezing), else full",
                              "training schedule", choices=ADAPTATIONS)
     epochs: int = option(4, "passes over the training images (single-stage training)", "training schedule", positive_int)
-    lr: float = option(3e-4, "peak learning rate (single-stage training)", "training schedule", positive_float)
+    lr: float|str = option(3e-4, "peak learning rate (single-stage training); auto: chosen by fastai's lr_find (valley suggestion) before training, plotted in lr_find.png and recorded in config.json", "training schedule", learning_rate)
     two_stage: bool = option(False, "stage 1 trains the head with the backbone frozen, stage 2 fine-tunes the whole network",
                              "training schedule")
     epochs_stage1: int = option(5, "epochs of stage 1 (frozen backbone)", "training schedule", positive_int)
     epochs_stage2: int = option(25, "epochs of stage 2 (whole network)", "training schedule", positive_int)
-    lr_stage1: float = option(1e-3, "learning rate of stage 1", "training schedule", positive_float)
-    lr_stage2: float = option(1e-4, "learning rate of stage 2 (lower, for fine-tuning)", "training schedule", positive_float)
+    lr_stage1: float|str = option(1e-3, "learning rate of stage 1; auto: lr_find with the backbone frozen (lr_find_stage1.png)",
+                                   "training schedule", learning_rate)
+    lr_stage2: float|str = option(1e-4, "learning rate of stage 2 (lower, for fine-tuning); auto: lr_find on the stage-1 "
+                                   "model, unfrozen (lr_find_stage2.png)", "training schedule", learning_rate)
     weight_decay: float = option(WEIGHT_DECAY, "decoupled (AdamW) weight decay", "training schedule", non_negative_float)
     schedule: str = option("one_cycle", "learning-rate schedule of each stage: one_cycle (warm-up then cosine annealing, "
                            "fastai) or cosine (cosine annealing to --eta-min after --warmup-epochs of linear warm-up)",
@@ -921,6 +963,21 @@ class TrainConfig:
                                     "loss and augmentation", json_object)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy losses ce and weighted_ce (RETFound: "
                                     "0.1); 0: none", "loss and augmentation", probability)
+    mixup: float = option(0.0, "MixUp (fastai): blend each training image with another, mixing their labels' losses, "
+                          "with weights drawn from Beta(alpha, alpha); this is alpha (e.g. 0.4); 0: off. One-label tasks only",
+                          "loss and augmentation", non_negative_float)
+    cutmix: float = option(0.0, "CutMix (fastai): paste a random box of another training image, mixing the labels' losses "
+                           "by area; Beta(alpha, alpha) alpha (e.g. 1.0); 0: off. One-label tasks only, not with --mixup",
+                           "loss and augmentation", non_negative_float)
+    progressive_resize: list[int]|None = option(None, "train the first epochs on smaller images, e.g. 128,192: the run's "
+                                                "epochs split into equal parts at each size, then --image-size; images are "
+                                                "read (and cached) at --image-size and each batch resized down; none: off",
+                                                "loss and augmentation", image_sizes, metavar="SIZES")
+    ema: float|None = option(None, "keep an exponential moving average of the weights (timm ModelEmaV3) with this decay, "
+                             "e.g. 0.999, updated every optimizer step; validation and best_model.pth use the average; a "
+                             "resumed run restarts it from the checkpoint's weights; none: off", "training schedule", fraction)
+    grad_accum: int = option(1, "accumulate gradients over N batches per optimizer step (fastai GradientAccumulation): "
+                             "the effective batch is N x --batch-size; 1: off", "training schedule", positive_int)
     advanced_aug: bool = option(False, "train with the heavy augmentation pipeline instead of the light one",
                                 "loss and augmentation")
     medical_preprocess: bool = option(False, "CLAHE on the lightness channel of every image, recorded in the model file",
@@ -1219,6 +1276,141 @@ def linear_probe_stage(learn:Learner, # the run's Learner (a one-head model)
     saver.record_probe(record)
     return record
 
+# %% ../nbs/08_train.ipynb #41266d6b
+class _MixLosses:
+    "Mix the losses of the two labels of a mixed image (fastai's way for class-index targets), whatever the loss."
+    def before_train(self):
+        self.stack_y, self.old_lf, self.learn.loss_func = True, self.learn.loss_func, self.lf
+
+class MixUpLosses(_MixLosses, MixUp):
+    "fastai's `MixUp` for class-index labels: the images are blended, the two labels' losses mixed alike."
+
+class CutMixLosses(_MixLosses, CutMix):
+    "fastai's `CutMix` for class-index labels: a box of another image pasted in, the two labels' losses mixed by area."
+
+# %% ../nbs/08_train.ipynb #864f1eb9
+def _unwrapped(model:nn.Module) -> nn.Module:
+    "The network inside a data-parallel wrapper (the model itself otherwise)."
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+class EmaCallback(Callback):
+    "timm `ModelEmaV3` of the weights, updated after every optimizer step; validation and the saved best models use it."
+    order = 65  # after TrainingRunCallback (60) has loaded a resumed run's weights: the average starts from them
+    def __init__(self,
+                 decay:float, # weight of the old average at each update, e.g. 0.999
+                 saver:TrainingRunCallback|None=None, # the run's saver: its best models are written from the average
+                ):
+        self.decay, self.ema = decay, None
+        if saver is not None:
+            save = saver.to_save
+            saver.to_save = lambda model: save(self.ema.module)
+
+    def before_fit(self):
+        if self.ema is None: self.ema = ModelEmaV3(_unwrapped(self.learn.model), decay=self.decay)
+
+    def after_step(self): self.ema.update(_unwrapped(self.learn.model))
+    def before_validate(self): self.raw, self.learn.model = self.learn.model, self.ema.module
+    def after_validate(self): self.learn.model = self.raw
+
+# %% ../nbs/08_train.ipynb #f8fb0aea
+def resize_schedule(sizes:list[int], # the smaller training sizes, from small to large
+                    image_size:int, # the target size, trained last
+                    n_epochs:int, # epochs of the run
+                   ) -> list[int]:
+    "The training image size of each epoch: `sizes` in turn over equal parts of the run, then `image_size`."
+    steps = [*sizes, image_size]
+    return [steps[epoch * len(steps) // n_epochs] for epoch in range(n_epochs)]
+
+class ProgressiveResize(Callback):
+    "Resize each training batch down (antialiased bilinear) to its epoch's size of `resize_schedule`; validation is untouched."
+    order, run_valid = -5, False  # after fastai put the batch on the device, before MixUp and CutMix (0) mix it
+    def __init__(self,
+                 sizes:list[int], # the smaller training sizes, from small to large
+                 image_size:int, # the size of the images the loaders give, trained last
+                 saver:TrainingRunCallback|None=None, # the run's saver, for the epoch within a two-stage run; None: this fit
+                ):
+        self.sizes, self.image_size, self.saver = list(sizes), image_size, saver
+
+    def size(self) -> int:
+        "The training image size of the current epoch."
+        if self.saver is None or not self.saver.total_epochs: return resize_schedule(self.sizes, self.image_size, self.n_epoch)[self.epoch]
+        return resize_schedule(self.sizes, self.image_size, self.saver.total_epochs)[self.saver.epoch_offset + self.epoch]
+
+    def before_batch(self):
+        size = self.size()
+        if self.x.shape[-1] != size:
+            resized = F.interpolate(self.x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            self.learn.xb = (resized, *self.xb[1:])
+
+# %% ../nbs/08_train.ipynb #85ea913e
+LR_SUGGESTION = "valley"  # fastai's lr_find suggestion that lr='auto' takes
+_LR_FIND_KEEPS = (ProgressCallback, LossScheduleCallback, MixedPrecision, GradientClip, GradientAccumulation, MixHandler)
+
+def find_lr(learn:Learner, # the run's Learner, set up for the stage
+            plot_path, # the .png file of the loss against the learning rate
+            num_it:int=sized(100, 40), # mock training steps
+           ) -> float:
+    "fastai's `lr_find` with the run's loss, precision, clipping, accumulation and mixing: its valley rate, plotted to `plot_path`."
+    others = [cb for cb in learn.cbs if not isinstance(cb, (*defaults.callbacks, *_LR_FIND_KEEPS))]  # no saving, EMA, early stop
+    made_dir = not (learn.path/learn.model_dir).exists()
+    with learn.removed_cbs(others): found = learn.lr_find(num_it=num_it, show_plot=True)
+    if made_dir: shutil.rmtree(learn.path/learn.model_dir, ignore_errors=True)  # lr_find's temporary copy of the weights
+    save_figure(plt.gcf(), plot_path)
+    lr = float(getattr(found, LR_SUGGESTION))
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr_find found no usable learning rate ({lr}); see {plot_path} and give the rate as a number.")
+    return lr
+
+def _record_lr_find(saver:TrainingRunCallback, found:dict):
+    "Record the rates lr_find chose in the run's config (config.json and the checkpoints)."
+    saver.run_config["lr_find"] = found
+    if is_main_process(): save_json(saver.run_config, saver.save_dir/"config.json")
+
+def _auto_lr(learn:Learner, name:str, saver:TrainingRunCallback, found:dict) -> float:
+    "The rate of the `auto` option `name`: the one the resumed run found, or `find_lr`'s, recorded and printed."
+    if name not in found:
+        if saver.restore is not None: learn.model.load_state_dict(saver.restore["model_state_dict"])  # the weights resumed
+        plot = saver.save_dir/("lr_find.png" if name == "lr" else f"lr_find_{name.removeprefix('lr_')}.png")
+        found[name] = {"lr": find_lr(learn, plot), "suggestion": LR_SUGGESTION, "plot": plot.name}
+        _record_lr_find(saver, found)
+    print(f"{name} = auto: {found[name]['lr']:.3g} (fastai lr_find, {LR_SUGGESTION}; {saver.save_dir/found[name]['plot']})")
+    return found[name]["lr"]
+
+# %% ../nbs/08_train.ipynb #37971501
+PRACTICE_OPTIONS = ("mixup", "cutmix", "ema", "grad_accum", "progressive_resize", "lr", "lr_stage1", "lr_stage2")
+
+def _fixed_input_size(model_name:str) -> bool:
+    "Whether the timm model `model_name` takes one input size only (a ViT's patch grid), built without weights."
+    with torch.device("meta"): probe = timm.create_model(model_name, pretrained=False, num_classes=0)
+    return getattr(getattr(probe, "patch_embed", None), "img_size", None) is not None and not getattr(probe, "dynamic_img_size", False)
+
+def _learner_lr(c:TrainConfig) -> float:
+    "The Learner's first rate: each stage sets its own before it fits (an `auto` one after lr_find)."
+    return config_fields()["lr"].default if c.lr == AUTO_LR else c.lr
+
+def check_training_options(task:Task, # the run's task
+                           c:TrainConfig, # the run's options
+                          ):
+    "Clear errors for bad values of mixup, cutmix, ema, grad_accum, progressive_resize and the rates, and where they do not apply."
+    for name in PRACTICE_OPTIONS: check_option(name, getattr(c, name), "train_model")
+    if c.mixup and c.cutmix:
+        raise ValueError(f"mixup={c.mixup} and cutmix={c.cutmix}: fastai mixes a batch one way; set one of them to 0.")
+    for name in ("mixup", "cutmix"):
+        if getattr(c, name) and not task.mixable:
+            raise ValueError(f"{name}={getattr(c, name)} mixes single-label images; task {task.name!r} has several labels or "
+                             f"heads: leave {name} at 0 or train a one-label task such as 'dr' or 'disease'.")
+    if AUTO_LR in (c.lr, c.lr_stage1, c.lr_stage2) and world_size() > 1:
+        raise ValueError("lr='auto' runs lr_find in one process: find the rate in a single-process run and give it as a number.")
+    if c.progressive_resize is not None:
+        sizes, epochs = c.progressive_resize, c.epochs_stage1 + c.epochs_stage2 if c.two_stage else c.epochs
+        if sizes[-1] >= c.image_size:
+            raise ValueError(f"progressive_resize={sizes}: every size must be below image_size={c.image_size}, trained last.")
+        if epochs <= len(sizes):
+            raise ValueError(f"progressive_resize={sizes} needs at least {len(sizes) + 1} epochs (one per size and "
+                             f"image_size), the run has {epochs}.")
+        if _fixed_input_size(c.model_name):
+            raise ValueError(f"progressive_resize: the timm model {c.model_name!r} takes one input size only; leave it off.")
+
 # %% ../nbs/08_train.ipynb #da3a06b9
 def _cached_tables(df:pd.DataFrame, valid_df:pd.DataFrame|None, c:TrainConfig) -> tuple:
     "(df, valid_df, cache record): the tables pointing at prepared squares in the run's cache, or unchanged without one."
@@ -1271,10 +1463,17 @@ def _engine(c:TrainConfig, precision:str, saver:TrainingRunCallback) -> list:
     if precision != "no": engine.append(DeviceMixedPrecision(precision))
     if c.grad_clip is not None: engine.append(GradientClip(c.grad_clip))
     if c.unfreeze == "gradual": engine.append(GradualUnfreeze())
+    if c.mixup: engine.append(MixUpLosses(c.mixup))
+    if c.cutmix: engine.append(CutMixLosses(c.cutmix))
+    if c.ema is not None: engine.append(EmaCallback(c.ema, saver))
+    if c.grad_accum > 1: engine.append(GradientAccumulation(c.batch_size * c.grad_accum))  # fastai counts samples
+    if c.progressive_resize: engine.append(ProgressiveResize(c.progressive_resize, c.image_size, saver))
     return engine
 
 def _fit_stages(learn:Learner, task:Task, c:TrainConfig, stages:list, saver:TrainingRunCallback, saved:dict|None):
-    "Fit each stage (skipping those a resumed checkpoint finished) with the chosen schedule."
+    "Fit each stage (skipping those a resumed checkpoint finished) with the chosen schedule; `auto` rates from lr_find."
+    found = dict(saved["config"].get("lr_find", {})) if saved is not None else {}  # rates the resumed run found
+    if found: _record_lr_find(saver, found)
     for stage, (n_epoch, stage_lr, banner) in enumerate(stages, 1):
         start, restore = 0, None
         if saved is not None:
@@ -1282,6 +1481,7 @@ def _fit_stages(learn:Learner, task:Task, c:TrainConfig, stages:list, saver:Trai
             start, restore, saved = (saved["stage_epochs_done"] if stage == saved["stage"] else 0), saved, None
         if c.two_stage: (learn.model.freeze_backbone() if stage == 1 else learn.model.unfreeze_backbone())
         saver.begin_stage(stage, start, restore)
+        if stage_lr == AUTO_LR: stage_lr = _auto_lr(learn, f"lr_stage{stage}" if c.two_stage else "lr", saver, found)
         set_stage_rates(learn, task, c, stage_lr)
         print(f"{banner}: {n_epoch} epoch{'s' if n_epoch > 1 else ''}, lr {stage_lr:g}, {c.schedule.replace('_', '-')} schedule")
         with learn.no_logging(), distributed_context(learn):  # the callback prints the epoch lines; the bars stay
@@ -1333,6 +1533,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     classes, loss = task.classes(c.num_classes, facts), _check_loss(task, c.loss, c.focal_gamma)
     _check_engine(task, c)
     check_recipe_options(task, c, loss)
+    check_training_options(task, c)
     _check_label_values([df] + ([] if valid_df is None else [valid_df]), classes)
     save_dir, device = Path(save_dir), get_device(c.device)
     precision = resolve_precision(c.mixed_precision, device)
@@ -1357,7 +1558,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
                                 run_config=run_config, to_save=merged_copy if c.lora_r is not None else None)
     saver.total_epochs = run_config["total_epochs"]
     if saved is not None: saver.history, saver.best = saved["history"], saved["best"]
-    learn = task.make_learner(dls, model, losses, classes, c.lr, c.weight_decay, save_dir, [*_engine(c, precision, saver), *(callbacks or [])],
+    learn = task.make_learner(dls, model, losses, classes, _learner_lr(c), c.weight_decay, save_dir, [*_engine(c, precision, saver), *(callbacks or [])],
                               saver, layer_decay_splitter if c.layer_decay is not None else backbone_splitter if c.unfreeze == "gradual" else None)
     _announce(task, c, run_config, device, precision, loss, task.class_names(classes, facts), saved, class_counts)
     if c.adaptation != "full" and saved is None: linear_probe_stage(learn, task, c, classes, saver)

@@ -205,6 +205,11 @@ def test_bad_config_files(data, tmp_path, capsys, content, phrase):
     (["--layer-decay", "0.65"], "layer_decay needs a ViT backbone"),
     (["--drop-path", "0.2", "--model-name", "vgg11"], "'vgg11' has no drop-path"),
     (["--retfound-weights", "missing.pth", "--model-name", "test_vit"], "missing.pth"),
+    (["--mixup", "0.4", "--cutmix", "1"], "set one of them to 0"),
+    (["--ema", "1"], "--ema: 1 is not between 0 and 1"),
+    (["--grad-accum", "0"], "--grad-accum: 0 is not a positive whole number"),
+    (["--lr", "fast"], "--lr: fast is not a positive number or 'auto'"),
+    (["--progressive-resize", "32,64"], "every size must be below image_size=64"),
 ])
 def test_bad_flag_values(data, tmp_path, capsys, argv, phrase):
     if "wandb" in argv and importlib.util.find_spec("wandb") is not None: pytest.skip("wandb is installed here")
