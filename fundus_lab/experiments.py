@@ -50,7 +50,7 @@ def _checked_value(key:str, value, annotation:str, source:str):
     "`value` if it fits `annotation` (a string such as 'int|None'), a float for a numeric string where a number is expected; else a TypeError."
     names = [re.sub(r"\[.*", "", n).strip() for n in annotation.split("|")] if annotation else []
     if not names or any(n not in _TYPES for n in names): return value  # no annotation, or a type not checked here
-    if isinstance(value, str) and ("float" in names or "int" in names) and "str" not in names:
+    if isinstance(value, str) and ("float" in names or "int" in names):  # '1e-3' is a number; 'auto' stays text
         try: value = float(value) if "float" in names else int(value)
         except ValueError: pass
     for name in names:

