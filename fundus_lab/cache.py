@@ -6,8 +6,10 @@ Docs: https://fundus-lab.github.io/fundus-lab/cache.html.md"""
 
 # %% ../nbs/04_cache.ipynb #60804c7e
 from __future__ import annotations
-import hashlib, json, os, shutil, tempfile, time, warnings
-from concurrent.futures import ThreadPoolExecutor
+import hashlib, json, multiprocessing, os, pickle, shutil, tempfile, time, warnings
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -16,14 +18,13 @@ import pandas as pd
 from PIL import Image
 
 import fundus_lab
-from .augment import train_transform
 from .core import IMAGE_EXTENSIONS, atomic_write, save_json, sized
-from .data import ImageReadError, decode_photo, read_rgb
+from .data import ImageReadError, check_photo, decode_photo, read_rgb
 from .preprocess import FundusNotFoundError, prepare_fundus
-from .synth import camera_settings, synth_fundus
 
 # %% auto #0
-__all__ = ['CACHE_VERSION', 'PREPROCESS_STEPS', 'read_rgb_reduced', 'load_fundus', 'CacheError', 'build_cache', 'bench_data']
+__all__ = ['CACHE_VERSION', 'PREPROCESS_STEPS', 'read_rgb_reduced', 'load_fundus', 'CacheError', 'build_cache', 'pool_size',
+           'process_map', 'check_and_cache', 'bench_data', 'bench_scale']
 
 # %% ../nbs/04_cache.ipynb #b2f22375
 _FIELD_FRACTION = 0.9 # smallest field of view, as a fraction of the photo's shorter side
@@ -54,6 +55,11 @@ def _cache_settings(size:int, crop:bool, image_format:str) -> dict:
     return {"cache_version": CACHE_VERSION, "size": int(size), "steps": steps, "crop": bool(crop),
             "image_format": image_format, "fundus_lab": fundus_lab.__version__, "opencv": cv2.__version__}
 
+def _check_cache_args(size, image_format):
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"`size` must be a positive whole number of pixels, got {size!r}.")
+    if image_format not in ("png", "jpg"): raise ValueError(f"`image_format` must be 'png' or 'jpg', got {image_format!r}.")
+
 def _cache_name(source:str, image_format:str) -> str:
     "A cached file name unique to the source's absolute path, readable by its stem."
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
@@ -77,16 +83,48 @@ def _intact(path:Path, check:dict|None) -> bool:
     try: return check is not None and path.stat().st_size == check["bytes"] and _file_check(path.read_bytes()) == check
     except OSError: return False
 
-def _cache_one(source:str, dest:Path, size:int, crop:bool, image_format:str) -> tuple[str|None, dict|None]:
-    "Prepare `source` into `dest` atomically; (the error message or None, the written file's size and checksum)."
-    try: square = load_fundus(source, size, crop)
-    except (ImageReadError, FundusNotFoundError, ValueError) as e: return f"{source}: {e}", None
+def _open_cache(cache_dir, size:int, crop:bool, image_format:str) -> tuple[Path, Path, dict]:
+    "(images folder, manifest path, manifest) of the cache in `cache_dir`; emptied first when built with other settings."
+    cache_dir = Path(cache_dir).expanduser()
+    images, manifest_path = cache_dir/"images", cache_dir/"manifest.json"
+    settings = _cache_settings(size, crop, image_format)
+    manifest = _read_manifest(manifest_path)
+    if manifest is None or manifest.get("settings") != settings:
+        manifest_path.unlink(missing_ok=True)
+        shutil.rmtree(images, ignore_errors=True)
+        manifest = {"settings": settings, "entries": {}}
+    images.mkdir(parents=True, exist_ok=True)
+    return images, manifest_path, manifest
+
+def _stale(manifest:dict, images:Path, sources:list, stamps:dict) -> list[str]:
+    "The `sources` whose cached square is missing, older than the source or damaged."
+    entries = manifest["entries"]
+    def fresh(s):
+        entry = entries.get(s)
+        return (entry is not None and stamps[s] is not None and entry["source"] == stamps[s]
+                and _intact(images/entry["file"], entry.get("check")))
+    return [s for s in sources if not fresh(s)]
+
+def _record(manifest:dict, checks:dict, stamps:dict, image_format:str):
+    "Enter each source of `checks` with its written file's check in the manifest, or remove it when that is None."
+    for s, check in checks.items():
+        if check is None: manifest["entries"].pop(s, None)
+        else: manifest["entries"][s] = {"file": _cache_name(s, image_format), "source": stamps[s], "check": check}
+
+def _write_square(square:np.ndarray, dest:Path, image_format:str, source:str) -> tuple[str|None, dict|None]:
+    "Encode `square` into `dest` atomically; (the error message or None, the written file's size and checksum)."
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
     ok, encoded = cv2.imencode(f".{image_format}", cv2.cvtColor(square, cv2.COLOR_RGB2BGR), params)
     if not ok: return f"{source}: could not be encoded as {image_format}", None
     data = encoded.tobytes()
     with atomic_write(dest, "wb") as f: f.write(data)
     return None, _file_check(data)
+
+def _cache_one(source:str, dest:Path, size:int, crop:bool, image_format:str) -> tuple[str|None, dict|None]:
+    "Prepare `source` into `dest` atomically; (the error message or None, the written file's size and checksum)."
+    try: square = load_fundus(source, size, crop)
+    except (ImageReadError, FundusNotFoundError, ValueError) as e: return f"{source}: {e}", None
+    return _write_square(square, dest, image_format, source)
 
 # %% ../nbs/04_cache.ipynb #d11930b9
 def build_cache(df:pd.DataFrame, # canonical table; its `path` column names the photos
@@ -99,34 +137,17 @@ def build_cache(df:pd.DataFrame, # canonical table; its `path` column names the 
                ) -> pd.DataFrame:
     "A copy of `df` whose `path` points at cached `size x size` squares; builds or updates the cache as needed."
     if "path" not in df.columns: raise ValueError(f"The table has no 'path' column; columns: {list(df.columns)}.")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"`size` must be a positive whole number of pixels, got {size!r}.")
-    if image_format not in ("png", "jpg"): raise ValueError(f"`image_format` must be 'png' or 'jpg', got {image_format!r}.")
+    _check_cache_args(size, image_format)
     if on_error not in ("raise", "skip"): raise ValueError(f"`on_error` must be 'raise' or 'skip', got {on_error!r}.")
-    cache_dir = Path(cache_dir).expanduser()
-    images, manifest_path = cache_dir/"images", cache_dir/"manifest.json"
-    settings = _cache_settings(size, crop, image_format)
-    manifest = _read_manifest(manifest_path)
-    if manifest is None or manifest.get("settings") != settings:
-        manifest_path.unlink(missing_ok=True)
-        shutil.rmtree(images, ignore_errors=True)
-        manifest = {"settings": settings, "entries": {}}
-    images.mkdir(parents=True, exist_ok=True)
-    entries = manifest["entries"]
+    images, manifest_path, manifest = _open_cache(cache_dir, size, crop, image_format)
     sources = list(dict.fromkeys(str(Path(p).expanduser().absolute()) for p in df["path"]))
     stamps = {s: _source_stamp(s) for s in sources}
-    def up_to_date(s):
-        entry = entries.get(s)
-        return (entry is not None and stamps[s] is not None and entry["source"] == stamps[s]
-                and _intact(images/entry["file"], entry.get("check")))
-    todo = [s for s in sources if not up_to_date(s)]
-    names = {s: _cache_name(s, image_format) for s in todo}
+    todo = _stale(manifest, images, sources, stamps)
     with ThreadPoolExecutor(max(1, int(num_workers))) as pool:
-        results = list(pool.map(lambda s: _cache_one(s, images/names[s], int(size), crop, image_format), todo))
+        prepare = lambda s: _cache_one(s, images/_cache_name(s, image_format), int(size), crop, image_format)
+        results = list(pool.map(prepare, todo))
     failed = {s: e for s, (e, _) in zip(todo, results) if e is not None}
-    for s, (_, check) in zip(todo, results):
-        if s in failed: entries.pop(s, None)
-        else: entries[s] = {"file": names[s], "source": stamps[s], "check": check}
+    _record(manifest, {s: check for s, (_, check) in zip(todo, results)}, stamps, image_format)
     save_json(manifest, manifest_path)
     if failed:
         listing = "\n  ".join(failed.values())
@@ -138,26 +159,99 @@ def build_cache(df:pd.DataFrame, # canonical table; its `path` column names the 
     keep = np.array([s not in failed for s in absolute], bool)
     out = df[keep].copy()
     out["source_path"] = df["path"][keep].to_numpy()
-    out["path"] = [str(images/entries[s]["file"]) for s, k in zip(absolute, keep) if k]
+    out["path"] = [str(images/manifest["entries"][s]["file"]) for s, k in zip(absolute, keep) if k]
     out.attrs["cache"] = {"prepared": len(todo) - len(failed), "reused": len(sources) - len(todo), "failed": len(failed)}
     return out
 
+# %% ../nbs/04_cache.ipynb #e2d1a0c2
+_PHOTOS_PER_PROCESS = 32 # with `workers=None`, fewer photos than this per core are worked on in this process
+
+def _cores() -> int:
+    "The number of CPU cores this process may run on."
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+def pool_size(n_items:int, # how many items there are
+              workers:int|None=None, # processes asked for; None: one per CPU core, for at least 32 items each
+             ) -> int:
+    "The number of processes `process_map` uses for `n_items` items; 1 means this process only."
+    if workers is None: return max(1, min(_cores(), n_items // _PHOTOS_PER_PROCESS))
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"`workers` must be a positive whole number of processes (1: this process only), got {workers!r}.")
+    return max(1, min(int(workers), n_items))
+
+def process_map(fn, # a function of one item, defined in a module (worker processes import it)
+                items:list, # the items
+                workers:int|None=None, # processes; None: one per CPU core (`pool_size`); 1: this process only
+               ) -> list:
+    "`[fn(item) for item in items]` computed by worker processes with one OpenCV thread each; in this process when one is enough or none can start."
+    n = pool_size(len(items), workers)
+    if n > 1:
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        if method == "forkserver": context.set_forkserver_preload(["fundus_lab.cache"])
+        try:
+            with ProcessPoolExecutor(n, mp_context=context, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+                return list(pool.map(fn, items, chunksize=max(1, min(64, len(items) // (8 * n)))))
+        except (OSError, NotImplementedError, BrokenProcessPool, pickle.PicklingError) as e:
+            warnings.warn(f"Could not run {n} worker processes ({type(e).__name__}: {e}); working in this process "
+                          "only, which is slower.")
+    return [fn(item) for item in items]
+
+def _check_and_cache_one(job:tuple, size:int, crop:bool, image_format:str, min_side:int|None) -> tuple:
+    "((error, notes, content problem), cache error or None, written file's check or None) of one decode of the job's (source, cached file or None)."
+    source, dest = job
+    error, notes, problem, rgb = check_photo(source, min_side, reduce=int(np.ceil(size / _FIELD_FRACTION)))
+    checked = (error, notes, problem)
+    if dest is None or rgb is None or problem is not None: return checked, None, None
+    try: return (checked, *_write_square(prepare_fundus(rgb, size, crop), dest, image_format, source))
+    except (FundusNotFoundError, ValueError, OSError) as e: return checked, f"{source}: {e}", None
+
+def check_and_cache(paths:list, # photo files, each checked once
+                    min_side:int|None, # also refuse photos with too little to grade for this network input side
+                    cache_dir, # folder of the cache (created if needed), as `build_cache` uses it
+                    size:int=512, # side of the cached squares in pixels
+                    crop:bool=True, # crop to the field of view
+                    image_format:str="png", # 'png' (lossless) or 'jpg' (quality 95)
+                    workers:int|None=None, # processes; None: one per CPU core (this process for a few photos); 1: this process only
+                    verbose:bool=False, # print how many squares were prepared and how many reused, as training does
+                   ) -> list[tuple]:
+    "(error, notes, content problem) of each photo, as `check_photo` gives them, from one decode that also writes its cached square."
+    _check_cache_args(size, image_format)
+    images, manifest_path, manifest = _open_cache(cache_dir, size, crop, image_format)
+    sources = [str(Path(p).expanduser().absolute()) for p in paths]
+    stamps = {s: _source_stamp(s) for s in sources}
+    stale = set(_stale(manifest, images, sources, stamps))
+    jobs = [(s, images/_cache_name(s, image_format) if s in stale else None) for s in sources]
+    worker = partial(_check_and_cache_one, size=int(size), crop=crop, image_format=image_format, min_side=min_side)
+    results = process_map(worker, jobs, workers)
+    _record(manifest, {s: check for (s, dest), (_, _, check) in zip(jobs, results) if dest is not None}, stamps, image_format)
+    save_json(manifest, manifest_path)
+    if verbose:
+        prepared = sum(dest is not None and check is not None for (_, dest), (_, _, check) in zip(jobs, results))
+        print(f"Cache {cache_dir}: {prepared} image(s) prepared, {len(set(sources) - stale)} reused.", flush=True)
+    return [checked for checked, _, _ in results]
+
 # %% ../nbs/04_cache.ipynb #67316258
+def _write_generated(job:tuple) -> str:
+    "Write the generated photo of the job's (seed, path, width, height) as a quality-95 JPEG; its path."
+    from fundus_lab.synth import synth_fundus
+    seed, path, w, h = job
+    img = synth_fundus(seed, int(h))
+    if img.shape[:2] != (h, w): img = cv2.resize(img, (int(w), int(h)), interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(path, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return path
+
 def _generated_photos(folder:Path, n:int, photo_size:tuple) -> list[str]:
-    "`n` generated wide-sensor photos of `photo_size` (width, height) saved as quality-95 JPEGs."
+    "`n` generated wide-sensor photos of `photo_size` (width, height) saved as quality-95 JPEGs, several at a time."
+    from fundus_lab.synth import camera_settings
     w, h = photo_size
     seeds = [s for s in range(10_000) if camera_settings(s).aspect == 1.5][:n]
-    paths = []
-    for seed in seeds:
-        img = synth_fundus(seed, int(h))
-        if img.shape[:2] != (h, w): img = cv2.resize(img, (int(w), int(h)), interpolation=cv2.INTER_CUBIC)
-        path = folder/f"generated_{seed}.jpg"
-        cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-        paths.append(str(path))
-    return paths
+    jobs = [(seed, str(folder/f"generated_{seed}.jpg"), w, h) for seed in seeds]
+    return process_map(_write_generated, jobs, workers=min(_cores(), max(1, len(jobs) // 4)))
 
 def _images_per_second(paths:list, load, size:int, epochs:int, num_workers:int) -> float:
     "Images per second of `load(path)` followed by the training augmentation, over `epochs` passes."
+    from fundus_lab.augment import train_transform
     augment = train_transform(size, seed=0)
     step = lambda p: augment(image=load(p))["image"]
     with ThreadPoolExecutor(num_workers) as pool:
@@ -203,4 +297,68 @@ def bench_data(img_dir=None, # a folder of real photos (searched recursively); N
     print(result.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     speedup = result["images/s"].iloc[3] / result["images/s"].iloc[0]
     print(f"cached/naive speedup: {speedup:.1f}x")
+    return result
+
+# %% ../nbs/04_cache.ipynb #f3a9c0d2
+def _linked_photos(folder:Path, originals:list, n:int) -> list[str]:
+    "`n` file names in `folder` for the `originals` in turn: hard links where the disk allows them, copies elsewhere."
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        source, path = originals[i % len(originals)], folder/f"photo_{i:06d}{Path(originals[0]).suffix}"
+        try: os.link(source, path)
+        except OSError: shutil.copyfile(source, path)
+        paths.append(str(path))
+    return paths
+
+def _check_room(folder:Path, n:int, size:int):
+    "Raise OSError when `folder`'s disk lacks room for `n` uncompressed `size` squares and 1 GiB to spare."
+    need, free = n * size * size * 3 + 2**30, shutil.disk_usage(folder).free
+    if need > free:
+        raise OSError(f"bench scale: {n} photos at {size} px need up to {need / 2**30:.1f} GiB in {folder}, but only "
+                      f"{free / 2**30:.1f} GiB are free. Pass smaller --scale-sizes, or point TMPDIR at a bigger disk.")
+
+def _scale_row(work:Path, originals:list, n:int, size:int, num_workers:int, workers:int|None) -> tuple:
+    "(photos, check+cache seconds, per photo, epoch seconds, per photo) of one run of `n` photos in `work`, deleted after."
+    _check_room(work, n, size)
+    folder, cache = work/f"photos_{n}", work/f"cache_{n}"
+    paths = _linked_photos(folder, originals, n)
+    start = time.perf_counter()
+    checked = check_and_cache(paths, size, cache, size=size, workers=workers)
+    table = build_cache(pd.DataFrame({"path": paths}), cache, size=size, num_workers=num_workers)
+    check_s = time.perf_counter() - start
+    problems = [m for error, _, problem in checked for m in (error, problem) if m]
+    if problems or table.attrs["cache"]["reused"] != n:
+        raise RuntimeError(f"bench scale: {len(problems)} of {n} generated photos failed the check, e.g. {problems[:1]}; "
+                           "try another --photo-size.")
+    epoch_s = n / _images_per_second(list(table.path), read_rgb, size, 1, num_workers)
+    shutil.rmtree(folder); shutil.rmtree(cache)
+    return n, check_s, check_s / n, epoch_s, epoch_s / n
+
+def bench_scale(sizes=(1000, 4000, 16000), # numbers of photos to measure, each from scratch
+                size:int=448, # training image size in pixels: side of the cached squares
+                photo_size:tuple=(3000, 2000), # (width, height) of the generated photos
+                n_distinct:int=64, # distinct generated photos, repeated under other names up to each size
+                num_workers:int=2, # threads of the epoch pass, as DataLoader workers would be
+                workers:int|None=None, # processes of the check and cache pass; None: one per CPU core
+               ) -> pd.DataFrame:
+    "Print and return the seconds the check and cache pass and one epoch over the cache take, in all and per photo, for each of `sizes`."
+    sizes = [int(n) for n in sizes]
+    if not sizes or min(sizes) < 1: raise ValueError(f"`sizes` must be positive numbers of photos, got {sizes!r}.")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fundus-lab-scale-") as work:
+        print(f"Working in {work}, removed at the end; generating {n_distinct} photos of "
+              f"{photo_size[0]}x{photo_size[1]} ...", flush=True)
+        (Path(work)/"generated").mkdir()
+        originals = _generated_photos(Path(work)/"generated", n_distinct, photo_size)
+        for n in sizes:
+            rows.append(_scale_row(Path(work), originals, n, size, num_workers, workers))
+            print(f"  {n} photos: check+cache {rows[-1][1]:.1f} s, epoch {rows[-1][3]:.1f} s", flush=True)
+    result = pd.DataFrame(rows, columns=["photos", "check+cache s", "check+cache s/photo", "epoch s", "epoch s/photo"])
+    processes = ", ".join(str(pool_size(n, workers)) for n in sizes)
+    print(f"{photo_size[0]}x{photo_size[1]} JPEGs ({len(originals)} distinct) at {size} px, {_cores()} CPU cores; "
+          f"check+cache: one decode per photo in {processes} process(es); epoch: read cached square + training "
+          f"augmentation in {num_workers} threads, no model")
+    print(result.to_string(index=False, float_format=lambda v: f"{v:.4f}" if v < 1 else f"{v:.1f}"))
+    print(f"Temporary folder {work} removed.")
     return result

@@ -267,9 +267,14 @@ def cmd_train(args:argparse.Namespace) -> int:
         raise CommandError(f"--tracker {run['tracker']}: the {run['tracker']} package is not installed; "
                            f"pip install {package}, or use --tracker csv.")
     from fundus_lab.core import prepare_save_dir
+    from functools import partial
+    from fundus_lab.cache import check_and_cache
     from fundus_lab.data import dataset_task, read_checked
+    from fundus_lab.train import resolved_cache_dir
     options["task"] = dataset_task(data, options.get("task"), defaults.task)
-    df = read_checked(data, get_task(options["task"]).data_task, "trained", min_side=image_size)
+    cache_dir = resolved_cache_dir(options.get("cache_dir", defaults.cache_dir), image_size)
+    inspect = None if cache_dir is None else partial(check_and_cache, cache_dir=cache_dir, size=image_size, verbose=True)
+    df = read_checked(data, get_task(options["task"]).data_task, "trained", min_side=image_size, inspect=inspect)
     from fundus_lab.experiments import save_training_config, train_experiment, train_folds
     save_dir, folds = Path(run.pop("save_dir")), run.pop("folds")
     with prepare_save_dir(save_dir, resume=options.get("resume") is not None):

@@ -28,8 +28,8 @@ __all__ = ['DR_GRADES', 'DME_GRADES', 'ODIR_LABELS', 'UNIFIED_LABELS', 'ODIR_NAM
            'decode_photo', 'read_rgb', 'read_aptos', 'read_eyepacs', 'read_idrid', 'read_messidor2',
            'odir_keyword_label', 'odir_keyword_flags', 'odir_patient_flags', 'odir_dr_grade', 'read_odir',
            'read_folder', 'folder_task', 'detect_format', 'read_dataset', 'task_label_columns', 'disease_classes',
-           'disease_labels', 'patient_split', 'patient_kfold', 'ValidationReport', 'validate_dataset', 'check_dataset',
-           'dataset_task', 'read_checked']
+           'disease_labels', 'patient_split', 'patient_kfold', 'ValidationReport', 'check_photo', 'validate_dataset',
+           'check_dataset', 'dataset_task', 'read_checked']
 
 # %% ../nbs/01_data.ipynb #d6a4999c
 DR_GRADES = ["No DR", "Mild NPDR", "Moderate NPDR", "Severe NPDR", "Proliferative DR"]
@@ -208,13 +208,13 @@ def _to_rgb8(arr:np.ndarray, bgr:bool, path) -> tuple[np.ndarray, list[str]]:
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 _ORIENTATION_TAG = 0x0112 # EXIF: how the camera was held (1 upright; 3, 6, 8 rotated; 2, 4, 5, 7 mirrored)
 
-def _header(data:bytes) -> tuple[str|None, tuple|None, int]:
-    "(format, (width, height), EXIF orientation 1-8) of an encoded image; (None, None, 1) when Pillow cannot tell."
+def _header(data:bytes) -> tuple[str|None, tuple|None, int, str|None]:
+    "(format, (width, height), EXIF orientation 1-8, mode) of an encoded image; (None, None, 1, None) when Pillow cannot tell."
     try:
         with Image.open(io.BytesIO(data)) as im:
             orientation = im.getexif().get(_ORIENTATION_TAG, 1) if im.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
-            return im.format, im.size, orientation if orientation in range(1, 9) else 1
-    except Exception: return None, None, 1
+            return im.format, im.size, orientation if orientation in range(1, 9) else 1, im.mode
+    except Exception: return None, None, 1, None
 
 def _upright(arr:np.ndarray, orientation:int) -> np.ndarray:
     "`arr` turned the way EXIF `orientation` says a viewer shows it (as PIL.ImageOps.exif_transpose)."
@@ -223,8 +223,8 @@ def _upright(arr:np.ndarray, orientation:int) -> np.ndarray:
     for axis in flips: arr = np.flip(arr, axis)
     return np.ascontiguousarray(arr)
 
-def _decode(path, reduce:int|None=None) -> tuple[np.ndarray, list[str]]:
-    "Read and fully decode `path` upright (EXIF orientation applied): (HxWx3 uint8 RGB, notes on conversions)."
+def _decode(path, reduce:int|None=None) -> tuple[np.ndarray, list[str], int]:
+    "Read and fully decode `path` upright (EXIF orientation applied): (HxWx3 uint8 RGB, notes on conversions, reduction factor 1, 2, 4 or 8)."
     try: data = Path(path).read_bytes()
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found. Check the path (and img_dir), or drop its row.", path) from None
@@ -235,7 +235,7 @@ def _decode(path, reduce:int|None=None) -> tuple[np.ndarray, list[str]]:
     if not data:
         raise ImageReadError(f"{path} is empty (0 bytes), e.g. an interrupted download or copy. Copy the file "
                              "again from the original dataset, or drop its row.", path)
-    kind, size, orientation = _header(data)
+    kind, size, orientation, mode = _header(data)
     arr, factor = None, 1
     if reduce is not None and kind == "JPEG" and size is not None:
         factor = next((k for k in (8, 4, 2) if min(size) // k >= reduce), 1)
@@ -246,8 +246,9 @@ def _decode(path, reduce:int|None=None) -> tuple[np.ndarray, list[str]]:
     bgr = arr is not None
     if arr is None: arr = _decode_with_pil(data, path)
     rgb, notes = _to_rgb8(arr, bgr, path)
-    if orientation == 1: return rgb, notes
-    return _upright(rgb, orientation), notes + ["EXIF orientation"]
+    if factor > 1 and mode == "L": notes.append("grayscale")  # the reduced decode reads a gray JPEG as colour
+    if orientation == 1: return rgb, notes, factor
+    return _upright(rgb, orientation), notes + ["EXIF orientation"], factor
 
 def decode_photo(path, # an image file: JPEG, PNG, TIFF, BMP, WebP...
                  reduce:int|None=None, # decode a large JPEG at 1/2, 1/4 or 1/8 size when its shorter side keeps this many pixels
@@ -872,13 +873,16 @@ def _row(df:pd.DataFrame, i) -> str:
     image_id = df.at[i, "image_id"] if "image_id" in df.columns else pd.NA
     return f"row {i}" + ("" if pd.isna(image_id) else f", image {image_id}")
 
-def _inspect_image(path:str, min_side:int|None=None) -> tuple[str|None, list[str], str|None]:
-    "(error message or None, conversion notes, content problem or None) after fully decoding `path`."
-    try: rgb, notes = _decode(path)
-    except ImageReadError as e: return str(e), [], None
-    except Exception as e: return f"{path} cannot be decoded ({type(e).__name__}: {e}). Copy it again or drop its row.", [], None
-    problem = None if min_side is None else content_problem(rgb, min_side)
-    return None, notes, None if problem is None else f"{path}: {problem}. Replace it with a gradable photo or drop its row."
+def check_photo(path:str, # the photo file
+                min_side:int|None=None, # also look for too little to grade for this network input side (`content_problem`)
+                reduce:int|None=None, # decode a large JPEG at reduced size keeping this many pixels (`decode_photo`)
+               ) -> tuple:
+    "(error message or None, conversion notes, content problem or None, the decoded RGB photo or None) of one decode of `path`."
+    try: rgb, notes, factor = _decode(path, reduce)
+    except ImageReadError as e: return str(e), [], None, None
+    except Exception as e: return f"{path} cannot be decoded ({type(e).__name__}: {e}). Copy it again or drop its row.", [], None, None
+    problem = None if min_side is None else content_problem(rgb, min_side, scale=factor)
+    return None, notes, None if problem is None else f"{path}: {problem}. Replace it with a gradable photo or drop its row.", rgb
 
 def _check_labels(df, report, columns):
     for column in columns:
@@ -919,7 +923,7 @@ def _folder_named_like(path:str) -> str|None:
     stem = os.path.splitext(path)[0]
     return next((stem + ext for ext in IMAGE_EXTENSIONS if os.path.isdir(stem + ext)), None)
 
-def _check_files(df, report, check_images, max_workers, min_side=None):
+def _check_files(df, report, check_images, max_workers, min_side=None, inspect=None):
     paths = df["path"]
     for i in df.index[paths.isna().to_numpy()]:
         report.add("files", f"{_row(df, i)}: path is empty. Re-read the dataset with read_dataset.", [i])
@@ -939,8 +943,10 @@ def _check_files(df, report, check_images, max_workers, min_side=None):
                                 "or drop the row.", rows)
     if not check_images: return
     present = [p for p in unique if exists[p]]
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        results = list(pool.map(lambda p: _inspect_image(p, min_side), present))
+    if inspect is not None: results = inspect(present, min_side)
+    else:
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            results = list(pool.map(lambda p: check_photo(p, min_side)[:3], present))
     report.n_images_checked = len(present)
     converted = {}
     for p, (error, notes, problem) in zip(present, results):
@@ -962,6 +968,7 @@ def validate_dataset(df:pd.DataFrame, # canonical table
                      check_images:bool=True, # also decode every image fully (in a thread pool)
                      max_workers:int|None=None, # threads for decoding; None: ThreadPoolExecutor's default
                      min_side:int|None=None, # also refuse photos with too little to grade for this network input side (`content_problem`)
+                     inspect=None, # `inspect(paths, min_side)` -> (error, notes, content problem) per photo, e.g. `fundus_lab.cache.check_and_cache`; None: `check_photo` in threads
                     ) -> ValidationReport:
     "Check columns, ids, labels, files and images of `df`; every problem names the row/file and the fix."
     columns = task_label_columns(task)
@@ -977,16 +984,17 @@ def validate_dataset(df:pd.DataFrame, # canonical table
     if {"image_id", "patient_id", "eye", "path"} <= set(df.columns): _check_ids(df, report)
     _check_labels(df, report, [c for c in columns if c in df.columns])
     if task in ONE_DIAGNOSIS_TASKS and set(ODIR_LABELS) <= set(df.columns): _check_one_diagnosis(df, report)
-    if "path" in df.columns: _check_files(df, report, check_images, max_workers, min_side)
+    if "path" in df.columns: _check_files(df, report, check_images, max_workers, min_side, inspect)
     return report
 
 def check_dataset(df:pd.DataFrame, # canonical table
                   task:str="dr", # the task whose label columns are checked (see TASKS)
                   check_images:bool=True, # also decode every image fully
                   min_side:int|None=None, # also refuse photos with too little to grade for this network input side
+                  inspect=None, # how the photos are decoded and checked (see `validate_dataset`)
                  ) -> pd.DataFrame:
     "Return `df` when `validate_dataset` finds no problem, else raise DatasetError listing every problem."
-    report = validate_dataset(df, task, check_images, min_side=min_side)
+    report = validate_dataset(df, task, check_images, min_side=min_side, inspect=inspect)
     if not report.ok: raise DatasetError(report.summary())
     return df
 
@@ -1006,6 +1014,7 @@ def read_checked(args:argparse.Namespace, # parsed arguments with labels_csv, im
                  task:str, # the task whose labels every row needs
                  purpose:str, # what the command would have done, e.g. 'trained', for the message
                  min_side:int|None=None, # also refuse photos with too little to grade for this network input side
+                 inspect=None, # how the photos are decoded and checked, e.g. checked and cached in one pass (see `validate_dataset`)
                 ):
     "The canonical table named by --labels-csv/--img-dir/--format, after `check_dataset` for `task`."
     if args.labels_csv is None and args.img_dir is None:
@@ -1014,7 +1023,7 @@ def read_checked(args:argparse.Namespace, # parsed arguments with labels_csv, im
     df = read_dataset(args.labels_csv, img_dir=args.img_dir, format=args.format, label_col=task,
                       drop_ungradable=not getattr(args, "keep_ungradable", None))
     print(f"Checking {len(df)} images of {args.labels_csv or args.img_dir} ...", flush=True)
-    try: return check_dataset(df, task, min_side=min_side)
+    try: return check_dataset(df, task, min_side=min_side, inspect=inspect)
     except DatasetError as e:
         raise CommandError(f"{e}\nNothing was {purpose}: fix or replace these files (or remove their rows from the "
                            "labels table) and run the command again.") from e

@@ -317,11 +317,17 @@ def _bench_arguments(parser:argparse.ArgumentParser):
     parser.add_argument("--size", type=positive_int,
                         help="image size in pixels (default: 448; for `train` on a CPU 128)")
     data = parser.add_argument_group("bench data")
-    data.add_argument("--n-images", type=positive_int, default=24, help="photos per source (default: %(default)s)")
+    data.add_argument("--n-images", type=positive_int,
+                      help="photos per source (default: 24); with --scale the distinct generated photos (default: 64)")
     data.add_argument("--epochs", type=positive_int, default=3, help="passes over the photos per pipeline (default: %(default)s)")
     data.add_argument("--num-workers", type=positive_int, default=2, help="threads loading images (default: %(default)s)")
     data.add_argument("--photo-size", type=photo_size, default=(3000, 2000),
                       help="WIDTHxHEIGHT of the generated photos (default: 3000x2000)")
+    data.add_argument("--scale", action="store_true",
+                      help="instead, time the dataset check with cache build and one epoch over the cache for "
+                           "--scale-sizes photos, in a temporary folder removed afterwards")
+    data.add_argument("--scale-sizes", type=positive_int, nargs="+", default=[1000, 4000, 16000], metavar="N",
+                      help="numbers of photos for --scale (default: 1000 4000 16000)")
     train = parser.add_argument_group("bench train")
     train.add_argument("--model-name", help="timm backbone (default: convnext_base on a GPU, resnet18 on a CPU)")
     train.add_argument("--batch-size", type=positive_int, help="images per step (default: 32 CUDA, 8 Apple silicon or CPU)")
@@ -351,8 +357,16 @@ def _bench_arguments(parser:argparse.ArgumentParser):
 
 def _bench_data(args:argparse.Namespace) -> int:
     if args.img_dir is not None and not args.img_dir.is_dir(): raise CommandError(f"--img-dir: no folder {args.img_dir}")
+    if args.scale:
+        if args.img_dir is not None:
+            raise CommandError("--img-dir: not used with --scale, which generates its photos; drop one of the two.")
+        from fundus_lab.cache import bench_scale
+        try: bench_scale(args.scale_sizes, size=args.size or 448, photo_size=args.photo_size,
+                         n_distinct=args.n_images or 64, num_workers=args.num_workers)
+        except OSError as e: raise CommandError(str(e)) from None
+        return 0
     from fundus_lab.cache import bench_data
-    bench_data(args.img_dir, size=args.size or 448, n_images=args.n_images, epochs=args.epochs,
+    bench_data(args.img_dir, size=args.size or 448, n_images=args.n_images or 24, epochs=args.epochs,
                num_workers=args.num_workers, photo_size=args.photo_size)
     return 0
 
@@ -384,6 +398,10 @@ def _bench_train(args:argparse.Namespace) -> int:
          `fundus-lab bench data` prints the images per second of the naive image pipeline (full decode, crop,
          resize, augment), of reduced-size JPEG decoding and of the image cache (`fundus-lab train --cache-dir`), on
          generated photos and on real ones from --img-dir; the last line is the speed-up of the cache.
+         `fundus-lab bench data --scale` instead times what `train --cache-dir` does before its first epoch
+         (the dataset check and the cache build, one decode per photo, one process per core) and one epoch
+         over the cache (read and augment, no model), for 1000, 4000 and 16000 photos (--scale-sizes), in
+         all and per photo: hard links to --n-images generated photos, in a temporary folder removed afterwards.
 
          `fundus-lab bench train` prints the images per second, step time and peak memory of training steps of
          --model-name at --size in float32, in mixed precision (bfloat16, or float16 on GPUs without bfloat16),

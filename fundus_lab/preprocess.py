@@ -270,10 +270,11 @@ def image_quality(img:np.ndarray, # H x W x 3 uint8 RGB fundus photo
 # %% ../nbs/03_preprocess.ipynb #873db2aa
 def content_problem(img:np.ndarray, # H x W x 3 uint8 RGB photo, as `read_rgb` returns it
                     min_side:int=32, # the network's input side: smaller photos cannot be graded
+                    scale:int=1, # `img` was decoded at 1/scale of the photo's size: sides and areas count full-size pixels
                    ) -> str|None:
     "None when `img` holds a gradable amount of picture; else why not: 'too small', 'too few field-of-view pixels', black or white."
     _check_rgb(img)
-    h, w = img.shape[:2]
+    h, w = (side * scale for side in img.shape[:2])
     if min(h, w) < min_side:
         return f"too small: {w}x{h} pixels, below the network's input side of {min_side} pixels"
     try: field = detect_field(img)

@@ -170,7 +170,7 @@ def test_train_with_cache_heavy_augmentation_and_clahe(dr_dataset, tiny_model, t
     manifest = json.loads((cache_dir/"manifest.json").read_text())
     assert manifest["settings"]["size"] == 64 and len(manifest["entries"]) == 20
     config = json.loads((tmp_path/"model/config.json").read_text())
-    assert (config["augmentation"], config["cache"]["prepared"]) == ("heavy", 20)
+    assert (config["augmentation"], config["cache"]["prepared"], config["cache"]["reused"]) == ("heavy", 0, 20)
     assert load_model(tmp_path/"model/best_model.pth")[1]["preprocessing"] == MEDICAL_PREPROCESSING
     assert main(argv) == 0
     assert "0 image(s) prepared, 20 reused" in capsys.readouterr().out

@@ -72,7 +72,7 @@ def test_two_stage_loss_augmentation_cache_checkpoints(data, tmp_path, capsys):
                 "model_name": "test_efficientnet", "num_workers": 0, "device": "cpu"}
     assert {k: arguments[k] for k in expected} == expected
     assert (config["augmentation"], config["preprocessing"].get("clahe_lightness"), config["precision"]) == ("heavy", True, "no")
-    assert config["cache"]["prepared"] == 24 and (tmp_path/"cache/manifest.json").is_file()
+    assert (config["cache"]["prepared"], config["cache"]["reused"]) == (0, 24) and (tmp_path/"cache/manifest.json").is_file()
     assert config["n_valid"] + config["n_train"] == 24 and config["total_epochs"] == 2
     history = read_json(save_dir/"training_history.json")
     assert [(r["epoch"], r["stage"]) for r in history] == [(1, 1), (2, 2)]
