@@ -299,7 +299,7 @@ def load_model(path, # a file written by `save_model` (or a checkpoint with 'con
     return model.to(get_device(device)).eval(), config
 
 # %% ../nbs/06_models.ipynb #277d2b23
-PROBE_CS = tuple(float(c) for c in np.logspace(-4, 1, 11)) # inverse L2 strengths the probe's cross-validation tries
+PROBE_CS = tuple(float(c) for c in np.logspace(-3, 1, 9)) # inverse L2 strengths the probe's cross-validation tries
 
 def pooled_features(backbone:nn.Module, # the feature extractor, e.g. `DRClassifier.backbone` (run in eval mode)
                     loader, # batches of (images, labels, ...), without augmentation
@@ -324,7 +324,7 @@ def _folds(labels:np.ndarray, groups, folds:int, seed:int) -> list|None:
     return list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels, groups))
 
 def _logistic(z:np.ndarray, labels:np.ndarray, groups, Cs, folds:int, seed:int):
-    "A logistic regression on standardised features, its C chosen by grouped cross-validation when the data allow."
+    "A logistic regression on the features, its C chosen by grouped cross-validation when the data allow."
     present = np.unique(labels)
     splits = _folds(np.searchsorted(present, labels), groups, folds, seed)
     with warnings.catch_warnings():
@@ -356,12 +356,10 @@ def fit_linear_probe(features:np.ndarray, # n x d pooled features of the trainin
                      folds:int=5, # cross-validation folds
                      seed:int=0, # seed of the folds
                     ) -> tuple[np.ndarray, np.ndarray, dict]:
-    "(weight k x d, bias k, facts) of a linear head on raw features: logistic regression on standardised ones."
-    features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
-    if len(features) != len(labels):
-        raise ValueError(f"{len(features)} feature rows but {len(labels)} labels: pass one label (row) per photo.")
-    mean, scale = features.mean(0), features.std(0) + 1e-6
-    z = (features - mean) / scale
+    "(weight k x d, bias k, facts) of a linear head: L2-penalised logistic regression on the pooled features."
+    z, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
+    if len(z) != len(labels):
+        raise ValueError(f"{len(z)} feature rows but {len(labels)} labels: pass one label (row) per photo.")
     if binary:
         rows, chosen = [], []
         for k in range(n_outputs):
@@ -377,23 +375,20 @@ def fit_linear_probe(features:np.ndarray, # n x d pooled features of the trainin
         clf = _logistic(z, labels.astype(int), groups, Cs, folds, seed)
         weight, bias = _class_rows(clf, n_outputs)
         chosen = _chosen_c(clf)
-    raw_weight = weight / scale
-    return raw_weight.astype(np.float32), (bias - raw_weight @ mean).astype(np.float32), {"C": chosen, "n": len(labels)}
+    return weight.astype(np.float32), bias.astype(np.float32), {"C": chosen, "n": len(labels)}
 
-PROBE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13)) # L2 strengths the regression probe's cross-validation tries
+PROBE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13)) # L2 strengths the regression probe's cross-validation tries
 
 def fit_regression_probe(features:np.ndarray, # n x d pooled features of the training photos
                          targets:np.ndarray, # n numbers to predict, e.g. DR grades 0-4
                          alphas=PROBE_ALPHAS, # L2 strengths tried (efficient leave-one-out cross-validation)
                         ) -> tuple[np.ndarray, np.ndarray, dict]:
-    "(weight 1 x d, bias 1, facts) of a one-output linear head: ridge regression on standardised features."
+    "(weight 1 x d, bias 1, facts) of a one-output linear head: ridge regression on the pooled features."
     features, targets = np.asarray(features, dtype=np.float64), np.asarray(targets, dtype=np.float64).ravel()
     if len(features) != len(targets):
         raise ValueError(f"{len(features)} feature rows but {len(targets)} targets: pass one target per photo.")
-    mean, scale = features.mean(0), features.std(0) + 1e-6
-    ridge = RidgeCV(alphas=list(alphas)).fit((features - mean) / scale, targets)
-    raw_weight = ridge.coef_[None] / scale
-    return raw_weight.astype(np.float32), np.array([ridge.intercept_ - raw_weight[0] @ mean], np.float32), {"C": float(1 / ridge.alpha_), "n": len(targets)}
+    ridge = RidgeCV(alphas=list(alphas)).fit(features, targets)
+    return ridge.coef_[None].astype(np.float32), np.array([ridge.intercept_], np.float32), {"C": float(1 / ridge.alpha_), "n": len(targets)}
 
 def set_linear_head(model:nn.Module, # a model whose `head` ends in an `nn.Linear` (e.g. `DRClassifier`)
                     weight:np.ndarray, # out x in
