@@ -385,6 +385,14 @@ def _recipe_row(name, task, train_df, valid_df, test_df, folder:Path, options:di
     return row
 
 # %% ../nbs/10_experiments.ipynb #b307d064
+def _recipe_task(recipe_task:str|None, task:str, name) -> str:
+    "The task a recipe trains in a benchmark of `task`: its own when it learns from the same labels (e.g. dr_regression for dr)."
+    if recipe_task in (None, task): return task
+    if get_task(recipe_task).data_task != get_task(task).data_task:
+        raise ValueError(f"Recipe {name}: task {recipe_task!r} learns other labels than the benchmark's task {task!r}; "
+                         "remove its task line or benchmark that task.")
+    return recipe_task
+
 def bench_recipes(df:pd.DataFrame, # canonical table of the labelled photos (split here by patient)
                   save_dir, # folder for each recipe's run (SAVE_DIR/RECIPE) and the table (recipes.csv, recipes.json)
                   recipes=(BASELINE_RECIPE, DEFAULT_RECIPE), # packaged recipe names, YAML files or 'default'
@@ -399,7 +407,8 @@ def bench_recipes(df:pd.DataFrame, # canonical table of the labelled photos (spl
     train_df, valid_df = recipe_split(df, task, val_split, seed)
     save_dir, rows, built = Path(save_dir), [], set()
     for name in recipes:
-        options = {**recipe_options(name), **overrides, "task": task, "random_seed": seed}
+        options = {**recipe_options(name), **overrides, "random_seed": seed}
+        options["task"] = _recipe_task(options.get("task"), task, name)
         key = (str(options.get("cache_dir", TrainConfig().cache_dir)), options.get("image_size", TrainConfig().image_size))
         cache_s = 0.0 if key in built else _prepare_cache(train_df, valid_df, options)
         built.add(key)
@@ -407,8 +416,9 @@ def bench_recipes(df:pd.DataFrame, # canonical table of the labelled photos (spl
         rows.append(_recipe_row(name, get_task(task), train_df, valid_df, test_df, save_dir/Path(str(name)).stem, options, cache_s))
         table = pd.DataFrame(rows)
         with atomic_write(save_dir/"recipes.csv", "w") as f: table.to_csv(f, index=False)
-    save_json({"task": task, "n_train": len(train_df), "n_valid": len(valid_df), "n_test": None if test_df is None else len(test_df),
-               "seed": seed, "overrides": {k: str(v) for k, v in overrides.items()}, "rows": rows}, save_dir/"recipes.json")
+        save_json({"task": task, "n_train": len(train_df), "n_valid": len(valid_df), "n_test": None if test_df is None else len(test_df),
+                   "seed": seed, "overrides": {k: str(v) for k, v in overrides.items()}, "cpu_cores": os.cpu_count(),
+                   "load_average": [round(v, 2) for v in os.getloadavg()], "rows": rows}, save_dir/"recipes.json")
     return table
 
 # %% ../nbs/10_experiments.ipynb #1fd38290

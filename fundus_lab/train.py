@@ -1064,7 +1064,7 @@ def config_arguments(parser:argparse.ArgumentParser, # the parser of `fundus-lab
     return groups
 
 # %% ../nbs/08_train.ipynb #aceed5dd
-RESUME_MAY_DIFFER = ("resume", "num_workers", "device", "cache_dir", "save_dir", "save_freq", "callbacks")
+RESUME_MAY_DIFFER = ("resume", "adaptation", "channels_last", "num_workers", "device", "cache_dir", "save_dir", "save_freq", "callbacks")
 
 class LossScheduleCallback(Callback):
     "Call `set_epoch(epoch, n_epoch)` on every part of the loss that has it, before each epoch."
@@ -1268,7 +1268,7 @@ def linear_probe_stage(learn:Learner, # the run's Learner (a one-head model)
     labels = plain.labels
     weight, bias, facts = task.probe_head(features, labels, train_ds.df["patient_id"].to_numpy(), classes)
     set_linear_head(learn.model, weight, bias)
-    print(f"Linear probe: features of {len(plain)} training photos {origin}; logistic regression C={facts['C']}.")
+    print(f"Linear probe: features of {len(plain)} training photos {origin}; linear head fitted with C={facts['C']} (inverse L2 strength).")
     logits = torch.as_tensor(features @ weight.T + bias)
     train_loss = float(learn.loss_func(logits.to(learn.dls.device), torch.as_tensor(labels).to(learn.dls.device, plain.label_dtype)))
     others = [cb for cb in learn.cbs if not isinstance(cb, tuple(defaults.callbacks))]  # no saving, logging, pruning
@@ -1521,7 +1521,8 @@ def _finish(task:Task, c:TrainConfig, save_dir:Path, saver:TrainingRunCallback, 
     if operating: print(_operating_line(operating))
     return {"best_model_path": str(saver.model_path), "history_path": str(saver.history_path),
             "config_path": str(save_dir/"config.json"), "curves_path": str(curves_path),
-            "last_checkpoint_path": str(saver.last_path), "best_metrics": best, "epochs_run": len(saver.history),
+            "last_checkpoint_path": str(saver.last_path), "best_metrics": best,
+            "epochs_run": sum(r["stage"] > 0 for r in saver.history),  # training epochs; a linear probe's record is not one
             "operating_points": operating, "finished": settled}
 
 def train_model(df:pd.DataFrame, # canonical table of the training images (validation is split off by patient)

@@ -210,6 +210,8 @@ def test_bad_config_files(data, tmp_path, capsys, content, phrase):
     (["--grad-accum", "0"], "--grad-accum: 0 is not a positive whole number"),
     (["--lr", "fast"], "--lr: fast is not a positive number or 'auto'"),
     (["--progressive-resize", "32,64"], "every size must be below image_size=64"),
+    (["--adaptation", "lp", "--unfreeze", "gradual"], "adaptation='lp' trains no epochs"),
+    (["--adaptation", "probe"], "--adaptation: invalid choice: 'probe'"),
 ])
 def test_bad_flag_values(data, tmp_path, capsys, argv, phrase):
     if "wandb" in argv and importlib.util.find_spec("wandb") is not None: pytest.skip("wandb is installed here")
@@ -219,12 +221,29 @@ def test_bad_flag_values(data, tmp_path, capsys, argv, phrase):
     assert not (tmp_path/"m"/"best_model.pth").exists()
 
 
+def test_linear_probe_and_memory_layout(data, tmp_path, capsys):
+    "--adaptation lp fits the head on features kept in the cache and trains no epoch; lp_ft from YAML reuses them."
+    out = train(capsys, "--labels-csv", data/"labels.csv", "--save-dir", tmp_path/"lp", *TINY, "--batch-size", "8",
+                "--adaptation", "lp", "--cache-dir", tmp_path/"cache", "--no-channels-last")
+    assert [(r["epoch"], r["stage"]) for r in read_json(tmp_path/"lp"/"training_history.json")] == [(0, 0)]
+    arguments = read_json(tmp_path/"lp"/"config.json")["arguments"]
+    assert (arguments["adaptation"], arguments["channels_last"]) == ("lp", False)
+    assert "Linear probe: features of" in out and len(list((tmp_path/"cache"/"features").glob("*.npy"))) == 1
+    recipe = tmp_path/"probe.yaml"
+    recipe.write_text("adaptation: lp_ft\nchannels_last: true\nepochs: 1\n")
+    out = train(capsys, "--labels-csv", data/"labels.csv", "--config", recipe, "--save-dir", tmp_path/"lp_ft", *TINY,
+                "--batch-size", "8", "--cache-dir", tmp_path/"cache")
+    assert "features of" in out and "read from" in out
+    assert [(r["epoch"], r["stage"]) for r in read_json(tmp_path/"lp_ft"/"training_history.json")] == [(0, 0), (1, 1)]
+    assert read_json(tmp_path/"lp_ft"/"config.json")["arguments"]["channels_last"] is True
+
+
 def test_packaged_cpu_recipe_parses():
     from fundus_lab.cli import build_parser, train_options
     options = train_options(build_parser("train").parse_args(["train", "--config", "aptos_cpu", "--epochs-stage2", "3"]))
     assert (options["model_name"], options["image_size"], options["batch_size"], options["two_stage"]) == \
         ("tf_efficientnet_lite0", 224, 16, True)
-    assert options["epochs_stage2"] == 3 and options["pretrained"] is True and options["cache_dir"] is not None
+    assert options["epochs_stage2"] == 3 and options["pretrained"] is True and "cache_dir" not in options  # the default cache
 
 
 def test_keep_ungradable(data, tmp_path, capsys):
