@@ -28,7 +28,7 @@ REAL_SETS = {
     "odir_multilabel": {"labels_csv": "odir_dev/full_df.csv", "img_dir": "odir_dev/preprocessed_images", "task": "multilabel",
                         "about": "ODIR-5K, the seven disease flags D G C A H M O"},
 } # name -> where its photos and labels are under FUNDUS_DATA, and the task benchmarked
-BENCH_RECIPES = ("linear_probe", "default", "fine_tune") # the floor, the plain `fundus-lab train`, and the default from a random head
+BENCH_RECIPES = ("linear_probe", "default", "lp_ft") # the floor, the plain `fundus-lab train`, and the same from the probe's head
 RESULTS_FILE = REPO_DIR/"nbs"/"results"/"real_photos.json" # the committed results this chapter shows
 
 def read_real_set(root, # the FUNDUS_DATA folder

@@ -70,8 +70,7 @@ __all__ = ['PREPROCESSING', 'MEDICAL_PREPROCESSING', 'WEIGHT_DECAY', 'HIGH_SENSI
            'config_fields', 'config_key', 'check_option', 'config_arguments', 'LossScheduleCallback',
            'input_size_kwargs', 'check_recipe_options', 'drop_path_kwargs', 'training_losses', 'load_retfound_backbone',
            'build_model', 'set_stage_rates', 'probe_features', 'linear_probe_stage', 'MixUpLosses', 'CutMixLosses',
-           'EmaCallback', 'resize_schedule', 'ProgressiveResize', 'find_lr', 'check_training_options',
-           'resolve_adaptation', 'train_model']
+           'EmaCallback', 'resize_schedule', 'ProgressiveResize', 'find_lr', 'check_training_options', 'train_model']
 
 # %% ../nbs/08_train.ipynb #2c2cd1a5
 class FundusDataset(Dataset):
@@ -512,7 +511,6 @@ class Task:
     one_head:bool = True # one backbone, one head: gradual unfreezing and LoRA apply
     mixable:bool = True # one class index per image and one loss: MixUp and CutMix apply (the two labels' losses are mixed)
     ordered:bool = True # the classes are ordered grades, so quadratic weighted kappa means something
-    probe:bool = True # a linear probe can fit its head (`probe_head`), so adaptation 'auto' means 'lp_ft'
     bench_metrics:tuple = (("qwk", "qwk"), ("accuracy", "accuracy"), ("referable_auroc", "referable.auc")) # (column, key of the evaluation metrics) of `bench_recipes`
     activation:str = "softmax" # what turns the logits into what evaluation scores: softmax, sigmoid or identity (a regression score)
     probabilities:bool = True # the activated outputs are probabilities, so calibration (ECE) means something
@@ -740,7 +738,7 @@ class DiseaseTask(Task):
 
 class MultiTaskTask(Task):
     "DR grade and DME risk with one backbone and two heads; the best mean of DR QWK and DME accuracy is kept."
-    name, monitor, one_head, probe = "multitask", "score", False, False
+    name, monitor, one_head = "multitask", "score", False
     bench_metrics = (("dr_qwk", "tasks.dr.qwk"), ("dme_accuracy", "tasks.dme.accuracy"), ("joint_accuracy", "joint_accuracy"))
     selection = "validation score = mean of dr_qwk and dme_accuracy"
     mixable = False  # two heads and their uncertainty-weighted losses
@@ -858,7 +856,7 @@ def image_sizes(text:str, # the option value as typed, e.g. '128,192', or a YAML
 
 # %% ../nbs/08_train.ipynb #300a97cd
 SCHEDULES = ("one_cycle", "cosine")
-ADAPTATIONS = ("auto", "full", "lp", "lp_ft")
+ADAPTATIONS = ("full", "lp", "lp_ft")
 UNFREEZE_MODES = ("none", "gradual")
 CONFIG_GROUPS = ("data and run", "model", "training schedule", "loss and augmentation", "loading and device")
 
@@ -917,11 +915,10 @@ class TrainConfig:
                               "model", positive_int)
     lora_alpha: float = option(16.0, "LoRA scaling numerator alpha (the update is scaled by alpha / r)", "model", positive_float)
     lora_dropout: float = option(0.0, "dropout on the input of the LoRA adapters", "model", probability)
-    adaptation: str = option("auto", "how the pretrained backbone is used: lp = linear probe (the backbone frozen, its "
-                             "features of the training photos computed once and kept in the cache folder, a logistic-"
-                             "regression head fitted on them, no training epochs); lp_ft = the linear probe's head, then "
-                             "training as the options below say; full = that training from a random head; auto = lp_ft "
-                             "where a probe applies (one linear head, no LoRA, no two-stage or gradual unfreezing), else full",
+    adaptation: str = option("full", "how the pretrained backbone is used: full = trained whole, from a random head, as the "
+                             "options below say; lp = linear probe: the backbone frozen, its features of the training photos "
+                             "computed once (kept in the cache folder), a logistic-regression head fitted on them, no training "
+                             "epochs; lp_ft = the linear probe's head first, then training as for full",
                              "training schedule", choices=ADAPTATIONS)
     epochs: int = option(4, "passes over the training images (single-stage training)", "training schedule", positive_int)
     lr: float|str = option(3e-4, "peak learning rate (single-stage training); auto: chosen by fastai's lr_find (valley suggestion) before training, plotted in lr_find.png and recorded in config.json", "training schedule", learning_rate)
@@ -1249,7 +1246,8 @@ def probe_features(backbone:nn.Module, # the frozen backbone
     path = None if folder is None else folder/"features"/_feature_key(c, ds)
     if path is not None and path.is_file(): return np.load(path), f"read from {path}"
     loader = DataLoader(ds, batch_size=max(c.batch_size, 32), shuffle=False, num_workers=c.num_workers)
-    features = pooled_features(backbone, loader)
+    with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed: the run must not depend on a cache hit
+        features = pooled_features(backbone, loader)
     if path is None: return features, "computed (no cache folder: not kept)"
     with atomic_write(path) as f: np.save(f, features)
     return features, f"computed and kept in {path}"
@@ -1306,7 +1304,7 @@ class EmaCallback(Callback):
         self.decay, self.ema = decay, None
         if saver is not None:
             save = saver.to_save
-            saver.to_save = lambda model: save(self.ema.module)
+            saver.to_save = lambda model: save(model if self.ema is None else self.ema.module)  # a linear probe saves before any average
 
     def before_fit(self):
         if self.ema is None: self.ema = ModelEmaV3(_unwrapped(self.learn.model), decay=self.decay)
@@ -1431,14 +1429,6 @@ def _cached_tables(df:pd.DataFrame, valid_df:pd.DataFrame|None, c:TrainConfig) -
     print(f"Cache: {cache['prepared']} image(s) prepared, {cache['reused']} reused.")
     return df, valid_df, cache
 
-def resolve_adaptation(task:Task, # the run's task
-                       c:TrainConfig, # the run's options
-                      ) -> str:
-    "The adaptation a run uses: `c.adaptation`, with 'auto' meaning 'lp_ft' where a linear probe applies, else 'full'."
-    if c.adaptation != "auto": return c.adaptation
-    probe_fits = task.probe and c.lora_r is None and not c.two_stage and c.unfreeze == "none"
-    return "lp_ft" if probe_fits else "full"
-
 def _stages(c:TrainConfig) -> list[tuple[int, float, str]]:
     "(epochs, peak learning rate, banner) of each training stage (none for a linear probe)."
     if c.adaptation == "lp": return []
@@ -1535,7 +1525,6 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     "Train a model for a registered task with fastai, keep the best checkpoint and everything needed to resume."
     c = _with_options(config, options)
     task = get_task(c.task, training=True)
-    c = dataclasses.replace(c, adaptation=resolve_adaptation(task, c))
     df, valid_df, facts = task.prepare(df, valid_df)
     classes, loss = task.classes(c.num_classes, facts), _check_loss(task, c.loss, c.focal_gamma)
     _check_engine(task, c)
