@@ -329,6 +329,7 @@ def _logistic(z:np.ndarray, labels:np.ndarray, groups, Cs, folds:int, seed:int):
     splits = _folds(np.searchsorted(present, labels), groups, folds, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8's notices of defaults changing in 1.10
         if splits is None: return LogisticRegression(C=1.0, max_iter=2000).fit(z, labels)
         return LogisticRegressionCV(Cs=list(Cs), cv=splits, scoring="neg_log_loss", max_iter=2000, n_jobs=-1).fit(z, labels)
 

@@ -1263,7 +1263,7 @@ def linear_probe_stage(learn:Learner, # the run's Learner (a one-head model)
     plain = FundusDataset(train_ds.df, train_ds.label_col, train_ds.size, valid_transform(train_ds.size), crop=train_ds.crop,
                           medical_preprocess=train_ds.medical_preprocess, binary=task.binary)
     features, origin = probe_features(learn.model.backbone, plain, c)
-    labels = plain.labels
+    labels = np.array(plain.labels)  # a writable copy for torch
     weight, bias, facts = task.probe_head(features, labels, train_ds.df["patient_id"].to_numpy(), classes)
     set_linear_head(learn.model, weight, bias)
     print(f"Linear probe: features of {len(plain)} training photos {origin}; linear head fitted with C={facts['C']} (inverse L2 strength).")
