@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DEMO := runs/demo
 
-.PHONY: install demo test check-sync readme docs-deps docs-system-deps docs docs-check
+.PHONY: install demo test execute check-sync readme docs-deps docs-system-deps docs docs-check
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,14 @@ demo: install
 test: install
 	cd nbs && ../$(BIN)/nbdev-test --timing
 	$(BIN)/pytest tests
+
+# Run one chapter top to bottom in full mode and save its outputs: make execute NB=nbs/08_train.ipynb
+# (fastai's import-time use of torch.jit.script warns on every page under torch 2.14; that warning is left out.)
+execute: install
+	@test -n "$(NB)" || { echo "Name the notebook: make execute NB=nbs/<chapter>.ipynb"; exit 2; }
+	env -u IN_TEST PYTHONWARNINGS='ignore:`torch.jit.script` is deprecated:FutureWarning' \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 $(NB)
+	$(BIN)/nbdev-clean --fname $(NB)
 
 check-sync: install
 	@before="$$(git status --porcelain)"; \

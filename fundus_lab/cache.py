@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/cache.html.md"""
 
 # %% ../nbs/04_cache.ipynb #60804c7e
 from __future__ import annotations
-import hashlib, json, multiprocessing, os, pickle, shutil, tempfile, time, warnings
+import hashlib, importlib, json, multiprocessing, os, pickle, shutil, tempfile, time, warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image
 
 import fundus_lab
-from .core import IMAGE_EXTENSIONS, atomic_write, save_json, sized
+from .core import IMAGE_EXTENSIONS, IN_TEST, atomic_write, save_json, sized
 from .data import ImageReadError, check_photo, decode_photo, read_rgb
 from .preprocess import FundusNotFoundError, prepare_fundus
 
@@ -179,6 +179,11 @@ def pool_size(n_items:int, # how many items there are
         raise ValueError(f"`workers` must be a positive whole number of processes (1: this process only), got {workers!r}.")
     return max(1, min(int(workers), n_items))
 
+def _exported(name:str, # a function of this module
+            ):
+    "The function `name` of `fundus_lab.cache` as installed: worker processes import it, never the notebook's own copy."
+    return getattr(importlib.import_module("fundus_lab.cache"), name)
+
 def process_map(fn, # a function of one item, defined in a module (worker processes import it)
                 items:list, # the items
                 workers:int|None=None, # processes; None: one per CPU core (`pool_size`); 1: this process only
@@ -222,7 +227,7 @@ def check_and_cache(paths:list, # photo files, each checked once
     stamps = {s: _source_stamp(s) for s in sources}
     stale = set(_stale(manifest, images, sources, stamps))
     jobs = [(s, images/_cache_name(s, image_format) if s in stale else None) for s in sources]
-    worker = partial(_check_and_cache_one, size=int(size), crop=crop, image_format=image_format, min_side=min_side)
+    worker = partial(_exported("_check_and_cache_one"), size=int(size), crop=crop, image_format=image_format, min_side=min_side)
     results = process_map(worker, jobs, workers)
     _record(manifest, {s: check for (s, dest), (_, _, check) in zip(jobs, results) if dest is not None}, stamps, image_format)
     save_json(manifest, manifest_path)
@@ -247,7 +252,7 @@ def _generated_photos(folder:Path, n:int, photo_size:tuple) -> list[str]:
     w, h = photo_size
     seeds = [s for s in range(10_000) if camera_settings(s).aspect == 1.5][:n]
     jobs = [(seed, str(folder/f"generated_{seed}.jpg"), w, h) for seed in seeds]
-    return process_map(_write_generated, jobs, workers=min(_cores(), max(1, len(jobs) // 4)))
+    return process_map(_exported("_write_generated"), jobs, workers=min(_cores(), max(1, len(jobs) // 4)))
 
 def _images_per_second(paths:list, load, size:int, epochs:int, num_workers:int) -> float:
     "Images per second of `load(path)` followed by the training augmentation, over `epochs` passes."

@@ -6,7 +6,7 @@ Docs: https://fundus-lab.github.io/fundus-lab/checkpoints.html.md"""
 
 # %% ../nbs/09_checkpoints.ipynb #4c205048
 from __future__ import annotations
-import copy, math, random, resource, sys, warnings
+import contextlib, copy, math, random, resource, sys, warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,8 +24,8 @@ from .core import torch_save_atomic
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'UNFREEZE_FRACTIONS', 'PRECISIONS', 'rng_state', 'restore_rng_state', 'CheckpointError',
            'save_training_checkpoint', 'load_training_checkpoint', 'TrainingDivergedError', 'StopOnNonFiniteLoss',
-           'backbone_splitter', 'unfreeze_phase', 'GradualUnfreeze', 'add_lora', 'merged_copy', 'resolve_precision',
-           'DeviceMixedPrecision', 'reset_peak_memory', 'peak_memory_mb']
+           'backbone_splitter', 'unfreeze_phase', 'GradualUnfreeze', 'lora_targets', 'add_lora', 'merged_copy',
+           'resolve_precision', 'DeviceMixedPrecision', 'reset_peak_memory', 'peak_memory_mb']
 
 # %% ../nbs/09_checkpoints.ipynb #23f44da9
 def _seeded_parts(transform) -> list:
@@ -156,20 +156,29 @@ class GradualUnfreeze(Callback):
         self.learn.unfreeze_phase = phase
 
 # %% ../nbs/09_checkpoints.ipynb #1787ee97
-def add_lora(model:nn.Module, # a model with a ViT `.backbone` (layers named `qkv`)
+def lora_targets(backbone:nn.Module, # a timm backbone
+                ) -> list:
+    "Names of the layers LoRA adapts: a ViT's `qkv` layers, else a CNN's pointwise convolutions and linear layers."
+    names = [name for name, _ in backbone.named_modules()]
+    if any(name.split(".")[-1] == "qkv" for name in names): return ["qkv"]
+    return [name for name, m in backbone.named_modules()
+            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1)]
+
+def add_lora(model:nn.Module, # a model with a ViT or CNN `.backbone`
              r:int=8, # rank of the update
              alpha:float=16, # scaling numerator: the update is alpha / r * B A
              dropout:float=0.0, # dropout on the LoRA branch's input
             ) -> nn.Module:
-    "Put peft LoRA adapters on the backbone's `qkv` layers; train them and the head only."
+    "Put peft LoRA adapters on the backbone's `lora_targets`; train them and the head only."
     from peft import LoraConfig, inject_adapter_in_model
     if not hasattr(model, "backbone"): raise ValueError(f"{type(model).__name__} has no .backbone for LoRA.")
-    if not any(name.split(".")[-1] == "qkv" for name, _ in model.backbone.named_modules()):
-        raise ValueError(f"LoRA here adapts the attention 'qkv' layers of a Vision Transformer; "
+    targets = lora_targets(model.backbone)
+    if not targets:
+        raise ValueError(f"LoRA adapts a ViT's 'qkv' layers or a CNN's 1x1 convolutions and linear layers; "
                          f"{getattr(model, 'model_name', type(model.backbone).__name__)!r} has none. "
-                         "Use a ViT (e.g. vit_small_patch16_224) or leave lora_r out.")
+                         "Use a ViT, EfficientNet or ConvNeXt backbone, or leave lora_r out.")
     if not (isinstance(r, int) and r >= 1): raise ValueError(f"lora_r must be a whole number >= 1, got {r!r}.")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["qkv"])
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
     model.backbone = inject_adapter_in_model(config, model.backbone)  # freezes all but the adapters
     for p in model.head.parameters(): p.requires_grad_(True)
     return model
@@ -215,13 +224,23 @@ class DeviceMixedPrecision(MixedPrecision):
         self.autocast, self.scales = torch.autocast(device_type, dtype=dtype), []
         self.learn.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16, **self.kwargs)
 
+def _linux_status(field:str) -> int|None:
+    "A field of /proc/self/status in kB (e.g. VmHWM, the peak resident size), None where there is no /proc."
+    try: lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError: return None
+    return next((int(line.split()[1]) for line in lines if line.startswith(f"{field}:")), None)
+
 def reset_peak_memory(device:torch.device):
-    "Start a new peak-memory measurement (CUDA only; the process's RSS peak cannot be reset)."
+    "Start a new peak-memory measurement: CUDA's counter, or on Linux the process's peak resident size."
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
+    elif _linux_status("VmHWM") is not None:
+        with contextlib.suppress(OSError): Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak to now
 
 def peak_memory_mb(device:torch.device, # the training device
                   ) -> float:
-    "Peak memory in MiB: CUDA memory allocated since the last reset, or the process's peak resident size."
+    "Peak memory in MiB since `reset_peak_memory`: CUDA memory allocated, or the process's peak resident size."
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if (peak_kb := _linux_status("VmHWM")) is not None: return peak_kb / 2**10
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak of the whole run where it cannot be reset
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+

@@ -16,12 +16,12 @@ import numpy as np
 # %% auto #0
 __all__ = ['IN_TEST', 'PACKAGE_DIR', 'REPO_DIR', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_IMAGE_SIZE',
            'LOCK_NAME', 'RUN_FILE_PATTERNS', 'COMMANDS', 'PRECISION_CHOICES', 'USER_ERRORS', 'FORMATS', 'sized',
-           'set_seed', 'available_devices', 'get_device', 'data_samples_dir', 'user_data_dir', 'user_cache_dir',
-           'model_image_size', 'check_outputs', 'current_umask', 'disk_full_error', 'atomic_write', 'save_json',
-           'torch_save_atomic', 'FolderInUseError', 'run_lock', 'run_files', 'prepare_save_dir', 'Command', 'command',
-           'positive_int', 'non_negative_int', 'positive_float', 'fraction', 'non_negative_float', 'probability',
-           'json_object', 'precision_mode', 'at_least_two', 'CommandError', 'dataset_arguments', 'loader_arguments',
-           'check_device']
+           'code_fingerprint', 'execution_record', 'set_seed', 'available_devices', 'get_device', 'data_samples_dir',
+           'user_data_dir', 'user_cache_dir', 'model_image_size', 'check_outputs', 'current_umask', 'disk_full_error',
+           'atomic_write', 'save_json', 'torch_save_atomic', 'FolderInUseError', 'run_lock', 'run_files',
+           'prepare_save_dir', 'Command', 'command', 'positive_int', 'non_negative_int', 'positive_float', 'fraction',
+           'non_negative_float', 'probability', 'json_object', 'precision_mode', 'at_least_two', 'CommandError',
+           'dataset_arguments', 'loader_arguments', 'check_device']
 
 # %% ../nbs/00_core.ipynb #163166a1
 IN_TEST: bool = bool(os.environ.get("IN_TEST"))
@@ -31,6 +31,25 @@ def sized(full, # the value for a real run
          ):
     "Return `test` when running under `nbdev-test`/pytest, else `full`."
     return test if IN_TEST else full
+
+# %% ../nbs/00_core.ipynb #dbe515e1
+def code_fingerprint(sources:list, # the code cells' sources, in the order they ran
+                    ) -> tuple:
+    "Return (number of cells, 12-hex-digit SHA-256) of `sources`, blank cells left out and trailing newlines ignored."
+    import hashlib
+    kept = [source.rstrip("\n") for source in sources if source.strip()]
+    return len(kept), hashlib.sha256("\n\x00\n".join(kept).encode()).hexdigest()[:12]
+
+def execution_record():
+    "Markdown saying how this notebook was run: the mode and the fingerprint of the code cells run before this one."
+    from IPython import get_ipython
+    from IPython.display import Markdown
+    if IN_TEST: return Markdown("Run in test mode (`IN_TEST` set): quick sizes, not the outputs a reader should see.")
+    history = getattr(getattr(get_ipython(), "history_manager", None), "input_hist_raw", None)
+    if not history: return Markdown("Run in full mode outside IPython: no record of the cells that ran.")
+    cells, fingerprint = code_fingerprint(history[1:-1])
+    return Markdown(f"Outputs from one run in full mode: {cells} code cells, fingerprint `{fingerprint}`.")
+
 
 # %% ../nbs/00_core.ipynb #0783d1e2
 def set_seed(seed:int=42, # the seed for python, numpy and torch

@@ -376,7 +376,10 @@ def _recipe_row(name, task, train_df, valid_df, test_df, folder:Path, options:di
     start = time.time()
     result = train_model(train_df, folder, config=options, valid_df=valid_df)
     train_s = time.time() - start
-    row = {"recipe": str(name), "cache_min": cache_s / 60, "train_min": train_s / 60, "epochs": result["epochs_run"]}
+    history = json.loads(Path(result["history_path"]).read_text())
+    row = {"recipe": str(name), "cache_min": cache_s / 60, "train_min": train_s / 60, "epochs": result["epochs_run"],
+           "trainable_m": json.loads(Path(result["config_path"]).read_text())["parameters"]["trainable"] / 1e6,
+           "peak_memory_gib": max(record["peak_memory_mb"] for record in history) / 1024}
     for part, table in (("valid", valid_df), ("test", test_df)):
         if table is None: continue
         metrics = evaluate_model(result["best_model_path"], table, folder/f"{part}_evaluation", device=options.get("device", "auto"),

@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from .core import REPO_DIR, save_json, user_data_dir
+from .data import UNIFIED_LABELS
 from .data import check_dataset, read_dataset
 from .experiments import bench_recipes
 from .train import get_task
 
 # %% auto #0
-__all__ = ['REAL_SETS', 'BENCH_RECIPES', 'RESULTS_FILE', 'HEADLINE', 'TARGETS', 'read_real_set', 'record_bench',
-           'run_real_benchmarks', 'recipe_table', 'target_table']
+__all__ = ['REAL_SETS', 'BENCH_RECIPES', 'FLAGSHIP_RECIPES', 'RESULTS_FILE', 'HEADLINE', 'TARGETS', 'read_real_set',
+           'record_bench', 'run_real_benchmarks', 'probability_calibration_error', 'flag_report',
+           'run_flagship_benchmark', 'record_flagship', 'recipe_table', 'target_table']
 
 # %% ../nbs/22_real_photos.ipynb #5d49bc39
 REAL_SETS = {
@@ -29,6 +33,7 @@ REAL_SETS = {
                         "about": "ODIR-5K, the seven disease flags D G C A H M O"},
 } # name -> where its photos and labels are under FUNDUS_DATA, and the task benchmarked
 BENCH_RECIPES = ("linear_probe", "default", "lp_ft") # the floor, the plain `fundus-lab train`, and the same from the probe's head
+FLAGSHIP_RECIPES = ("unified_cpu", "unified_lora_cpu") # the unified recipe at CPU size, fine-tuned in full and with LoRA adapters
 RESULTS_FILE = REPO_DIR/"nbs"/"results"/"real_photos.json" # the committed results this chapter shows
 
 def read_real_set(root, # the FUNDUS_DATA folder
@@ -52,6 +57,16 @@ def record_bench(results:dict, # the results so far ({"sets": {...}}), updated i
     results.setdefault("sets", {})[name] = {"about": REAL_SETS[name]["about"], **bench}
     return results
 
+def _data_root(root) -> Path:
+    "`root`, or FUNDUS_DATA when it is None; a clear error when neither names a folder."
+    root = Path(root) if root is not None else user_data_dir()
+    if root is None: raise ValueError("Set FUNDUS_DATA to the folder holding the real sets (or pass root=).")
+    return root
+
+def _read_results(results_file) -> dict:
+    "The results file's contents, or {} before the first run."
+    return json.loads(Path(results_file).read_text()) if Path(results_file).is_file() else {}
+
 def run_real_benchmarks(root=None, # folder holding the sets; None: FUNDUS_DATA
                         save_dir=None, # folder for the runs; None: runs/real_photos
                         sets=tuple(REAL_SETS), # which sets to benchmark
@@ -60,15 +75,61 @@ def run_real_benchmarks(root=None, # folder holding the sets; None: FUNDUS_DATA
                         **overrides, # training options for every recipe (e.g. device, num_workers)
                        ) -> dict:
     "Run `bench_recipes` on each real set under `root` and write the results file."
-    root = Path(root) if root is not None else user_data_dir()
-    if root is None: raise ValueError("Set FUNDUS_DATA to the folder holding the real sets (or pass root=).")
-    save_dir = Path(save_dir or "runs/real_photos")
-    results = json.loads(Path(results_file).read_text()) if Path(results_file).is_file() else {}
+    root, save_dir, results = _data_root(root), Path(save_dir or "runs/real_photos"), _read_results(results_file)
     for name in sets:
         bench_recipes(read_real_set(root, name), save_dir/name, recipes, REAL_SETS[name]["task"], **overrides)
         record_bench(results, name, json.loads((save_dir/name/"recipes.json").read_text()))
         save_json(results, results_file)
     return results
+
+# %% ../nbs/22_real_photos.ipynb #9ca5223e
+def probability_calibration_error(y:np.ndarray, # 0/1 truth of one flag
+                                  p:np.ndarray, # its predicted probabilities
+                                  n_bins:int=15, # equal-width probability bins on [0, 1]
+                                 ) -> float:
+    "The photo-weighted mean gap between the mean probability and the share of positives over probability bins."
+    bins = np.minimum((np.asarray(p) * n_bins).astype(int), n_bins - 1)
+    return float(sum(abs(p[bins == b].mean() - y[bins == b].mean()) * (bins == b).sum() for b in np.unique(bins)) / len(p))
+
+def flag_report(predictions:pd.DataFrame, # a multi-label evaluation's predictions.csv: patient_id, the true flags, prob_FLAG
+                labels=tuple(UNIFIED_LABELS), # the flag columns
+               ) -> pd.DataFrame:
+    "Per flag: positives, AUROC per photo and per patient (the higher of the patient's photos), and the calibration of the photo probabilities."
+    patients = predictions.groupby("patient_id")[[*labels, *(f"prob_{c}" for c in labels)]].max()
+    def auroc(y, p): return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    rows = {}
+    for c in labels:
+        y, p = predictions[c].astype(int).to_numpy(), predictions[f"prob_{c}"].to_numpy(float)
+        rows[c] = {"positive_photos": int(y.sum()), "positive_patients": int(patients[c].sum()),
+                   "auroc_photo": auroc(y, p), "auroc_patient": auroc(patients[c].astype(int).to_numpy(), patients[f"prob_{c}"].to_numpy(float)),
+                   "calibration_error": probability_calibration_error(y, p), "mean_probability": float(p.mean()),
+                   "prevalence": float(y.mean())}
+    return pd.DataFrame(rows).T
+
+def run_flagship_benchmark(root=None, # folder holding the sets; None: FUNDUS_DATA
+                           save_dir=None, # folder for the runs; None: runs/real_photos/flagship
+                           recipes=FLAGSHIP_RECIPES, # the recipes compared
+                           results_file=RESULTS_FILE, # the JSON file written (its 'flagship' entry is replaced)
+                           **overrides, # training options for every recipe (e.g. device, num_workers)
+                          ) -> dict:
+    "Train the flagship recipes on ODIR-5K's flags and add their table and per-flag reports to the results file as 'flagship'."
+    root, save_dir, results = _data_root(root), Path(save_dir or "runs/real_photos/flagship"), _read_results(results_file)
+    bench_recipes(read_real_set(root, "odir_multilabel"), save_dir, recipes, "multilabel", **overrides)
+    results["flagship"] = record_flagship(save_dir, recipes)
+    save_json(results, results_file)
+    return results
+
+def record_flagship(save_dir, # the folder `bench_recipes` wrote the flagship runs to
+                    recipes=FLAGSHIP_RECIPES, # the recipes it ran
+                   ) -> dict:
+    "The flagship entry of the results: the benchmark's recipes.json, each recipe's epoch minutes and its `flag_report` on the validation patients."
+    save_dir = Path(save_dir)
+    bench = json.loads((save_dir/"recipes.json").read_text())
+    histories = {str(r): json.loads((save_dir/Path(str(r)).stem/"training_history.json").read_text()) for r in recipes}
+    bench["epoch_min"] = {r: [h["epoch_time_s"] / 60 for h in history if h["stage"] > 0] for r, history in histories.items()}
+    bench["flags"] = {str(r): flag_report(pd.read_csv(save_dir/Path(str(r)).stem/"valid_evaluation"/"predictions.csv")).to_dict("index")
+                      for r in recipes}
+    return bench
 
 # %% ../nbs/22_real_photos.ipynb #5454c9ef
 HEADLINE = {"disease": "valid_accuracy", "dr": "valid_qwk", "multilabel": "valid_macro_auroc"} # the metric a set's recipes are ranked by

@@ -911,7 +911,7 @@ class TrainConfig:
     retfound_weights: str|None = option(None, "start the ViT backbone from a RETFound checkpoint (MAE or DINOv2 release, "
                                         ".pth or .safetensors; --model-name names its layout, e.g. vit_large_patch16_224), "
                                         "pooling the patch tokens as RETFound does; --pretrained is then ignored", "model", Path)
-    lora_r: int|None = option(None, "rank of LoRA adapters on the qkv layers of a ViT backbone; none: full fine-tuning",
+    lora_r: int|None = option(None, "rank of LoRA adapters (a ViT's qkv layers, a CNN's 1x1 convolutions); none: full fine-tuning",
                               "model", positive_int)
     lora_alpha: float = option(16.0, "LoRA scaling numerator alpha (the update is scaled by alpha / r)", "model", positive_float)
     lora_dropout: float = option(0.0, "dropout on the input of the LoRA adapters", "model", probability)
@@ -1442,6 +1442,10 @@ def _arguments(c:TrainConfig, save_dir, loss:str, valid_df, callbacks) -> dict:
     return {"save_dir": str(save_dir), **c.to_dict(), "loss": loss, "loss_params": dict(c.loss_params or {}),
             "valid_df": None if valid_df is None else len(valid_df), "callbacks": [type(cb).__name__ for cb in callbacks or []]}
 
+def _parameter_counts(model:nn.Module) -> dict:
+    "Total parameters and those the optimiser trains (LoRA: the adapters and the head)."
+    return {"total": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
 def _run_config(arguments:dict, model_config:dict, task:Task, dls, stages:list, **facts) -> dict:
     "Everything config.json records about a run: its options, the model config and what the data and device were."
     return {**arguments, **model_config, "arguments": arguments, "precision": facts["precision"],
@@ -1450,7 +1454,7 @@ def _run_config(arguments:dict, model_config:dict, task:Task, dls, stages:list, 
             "monitor": task.monitor, "selection": task.selection, "device": str(facts["device"]),
             "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds),
             "n_train_patients": int(dls.train_ds.df.patient_id.nunique()),
-            "n_valid_patients": int(dls.valid_ds.df.patient_id.nunique())}
+            "n_valid_patients": int(dls.valid_ds.df.patient_id.nunique()), "parameters": facts["parameters"]}
 
 def _engine(c:TrainConfig, precision:str, saver:TrainingRunCallback) -> list:
     "The training loop's callbacks: loss schedule, divergence stop, checkpoints, and the options' extras."
@@ -1547,7 +1551,7 @@ def train_model(df:pd.DataFrame, # canonical table of the training images (valid
     model, model_config = build_model(task, c, classes, facts)
     stages = _stages(c)
     run_config = _run_config(arguments, model_config, task, dls, stages, precision=precision, class_counts=class_counts,
-                             augment=augment, cache=cache, device=device)
+                             augment=augment, cache=cache, device=device, parameters=_parameter_counts(model))
     if saved is not None: _check_resume(saved, run_config, c.resume)
     if is_main_process(): save_json(run_config, save_dir/"config.json")
     saver = TrainingRunCallback(save_dir, model_config, task.monitor, c.patience, c.save_freq, save_stage1=c.two_stage,
