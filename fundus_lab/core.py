@@ -16,12 +16,12 @@ import numpy as np
 # %% auto #0
 __all__ = ['IN_TEST', 'PACKAGE_DIR', 'REPO_DIR', 'IMAGE_EXTENSIONS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MIN_IMAGE_SIZE',
            'LOCK_NAME', 'RUN_FILE_PATTERNS', 'COMMANDS', 'PRECISION_CHOICES', 'USER_ERRORS', 'FORMATS', 'sized',
-           'code_fingerprint', 'execution_record', 'set_seed', 'available_devices', 'get_device', 'data_samples_dir',
-           'user_data_dir', 'user_cache_dir', 'model_image_size', 'check_outputs', 'current_umask', 'disk_full_error',
-           'atomic_write', 'save_json', 'torch_save_atomic', 'FolderInUseError', 'run_lock', 'run_files',
-           'prepare_save_dir', 'Command', 'command', 'positive_int', 'non_negative_int', 'positive_float', 'fraction',
-           'non_negative_float', 'probability', 'json_object', 'precision_mode', 'at_least_two', 'CommandError',
-           'dataset_arguments', 'loader_arguments', 'check_device']
+           'code_fingerprint', 'execution_record', 'SavedOutputs', 'set_seed', 'available_devices', 'get_device',
+           'data_samples_dir', 'user_data_dir', 'user_cache_dir', 'model_image_size', 'check_outputs', 'current_umask',
+           'disk_full_error', 'atomic_write', 'save_json', 'torch_save_atomic', 'FolderInUseError', 'run_lock',
+           'run_files', 'prepare_save_dir', 'Command', 'command', 'positive_int', 'non_negative_int', 'positive_float',
+           'fraction', 'non_negative_float', 'probability', 'json_object', 'precision_mode', 'at_least_two',
+           'CommandError', 'dataset_arguments', 'loader_arguments', 'check_device']
 
 # %% ../nbs/00_core.ipynb #163166a1
 IN_TEST: bool = bool(os.environ.get("IN_TEST"))
@@ -49,6 +49,21 @@ def execution_record():
     if not history: return Markdown("Run in full mode outside IPython: no record of the cells that ran.")
     cells, fingerprint = code_fingerprint(history[1:-1])
     return Markdown(f"Outputs from one run in full mode: {cells} code cells, fingerprint `{fingerprint}`.")
+
+
+# %% ../nbs/00_core.ipynb #8f9f2319
+def _documents(cell) -> bool:
+    "Whether the docs build's own outputs belong to this cell: it is exported or it calls `show_doc`."
+    directives = getattr(cell, "directives_", None) or {}
+    return bool(directives.keys() & {"export", "exports", "exporti", "exec_doc"}) or cell.source.lstrip().startswith("show_doc")
+
+class SavedOutputs:
+    "Docs processor (nbdev's `doc_procs`): the saved outputs back on the cells that are neither exported nor a `show_doc`."
+    def __init__(self, nb): # the notebook, as nbdev hands it to its processors before any of them runs
+        self.saved = {id(c): (c, c.get("outputs", [])) for c in nb.cells if c.cell_type == "code" and not _documents(c)}
+    def __call__(self, cell): # each cell, after nbdev's processors
+        kept = self.saved.get(id(cell))
+        if kept is not None and kept[0] is cell: cell.outputs = kept[1]
 
 
 # %% ../nbs/00_core.ipynb #0783d1e2

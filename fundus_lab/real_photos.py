@@ -6,33 +6,37 @@ Docs: https://fundus-lab.github.io/fundus-lab/real_photos.html.md"""
 
 # %% ../nbs/22_real_photos.ipynb #6e310671
 from __future__ import annotations
-import json
+import json, tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import roc_auc_score
 
 from .core import REPO_DIR, save_json, user_data_dir
 from .data import UNIFIED_LABELS
 from .data import check_dataset, read_dataset
+from .evaluate import evaluate_model
 from .experiments import bench_recipes
 from .train import get_task
 
 # %% auto #0
-__all__ = ['REAL_SETS', 'BENCH_RECIPES', 'FLAGSHIP_RECIPES', 'RESULTS_FILE', 'HEADLINE', 'TARGETS', 'read_real_set',
+__all__ = ['REAL_SETS', 'FLAGSHIP_RECIPES', 'RESULTS_FILE', 'HEADLINE', 'TARGETS', 'read_real_set', 'referral_decisions',
            'record_bench', 'run_real_benchmarks', 'probability_calibration_error', 'flag_report',
            'run_flagship_benchmark', 'record_flagship', 'recipe_table', 'target_table']
 
 # %% ../nbs/22_real_photos.ipynb #5d49bc39
 REAL_SETS = {
-    "eye4": {"img_dir": "eye4_dev", "task": "disease", "about": "4 diagnoses from class folders (cataract, DR, glaucoma, normal)"},
+    "eye4": {"img_dir": "eye4_dev", "task": "disease", "recipes": ("linear_probe", "default", "lp_ft"),
+             "about": "4 diagnoses from class folders (cataract, DR, glaucoma, normal)"},
     "odir_dr": {"labels_csv": "odir_dev/full_df.csv", "img_dir": "odir_dev/preprocessed_images", "task": "dr",
+                "recipes": ("linear_probe", "default", "dr_regression"), "decisions": "default",
                 "about": "ODIR-5K, DR grade of each eye from its keywords"},
     "odir_multilabel": {"labels_csv": "odir_dev/full_df.csv", "img_dir": "odir_dev/preprocessed_images", "task": "multilabel",
-                        "about": "ODIR-5K, the seven disease flags D G C A H M O"},
-} # name -> where its photos and labels are under FUNDUS_DATA, and the task benchmarked
-BENCH_RECIPES = ("linear_probe", "default", "lp_ft") # the floor, the plain `fundus-lab train`, and the same from the probe's head
+                        "recipes": ("linear_probe", "default"), "about": "ODIR-5K, the seven disease flags D G C A H M O"},
+} # name -> where its photos and labels are under FUNDUS_DATA, the task benchmarked, its recipes (the probe, the floor, first)
+  # and, for DR grades, the recipe whose referral decisions are evaluated per patient
 FLAGSHIP_RECIPES = ("unified_cpu", "unified_lora_cpu") # the unified recipe at CPU size, fine-tuned in full and with LoRA adapters
 RESULTS_FILE = REPO_DIR/"nbs"/"results"/"real_photos.json" # the committed results this chapter shows
 
@@ -49,12 +53,45 @@ def read_real_set(root, # the FUNDUS_DATA folder
     return check_dataset(read_dataset(labels, img_dir=root/spec["img_dir"], label_col=task), task)
 
 # %% ../nbs/22_real_photos.ipynb #ecb6d458
+def _threshold_tuning(model_path) -> dict|None:
+    "The record of the QWK cut-point tuning saved in a model file's config (regression recipes), if any."
+    checkpoint = torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get("config", {}).get("threshold_tuning")
+
+def referral_decisions(run_dir, # a DR benchmark's folder, as `bench_recipes` wrote it
+                       df:pd.DataFrame, # the set's checked table
+                       recipe:str="default", # the recipe whose model decides
+                       bootstrap:int=1000, # resamples of the patients for 95 % intervals
+                       **options, # options of `evaluate_model` (device, num_workers)
+                      ) -> dict:
+    "A DR recipe's validation photos evaluated again per patient: its operating points and referral decisions per photo and per patient."
+    folder = Path(run_dir)/Path(recipe).stem
+    valid_ids = set(pd.read_csv(folder/"valid_evaluation"/"predictions.csv", dtype={"image_id": str}).image_id)
+    metrics = evaluate_model(folder/"best_model.pth", df[df.image_id.astype(str).isin(valid_ids)], folder/"valid_per_patient",
+                             per_patient=True, bootstrap=bootstrap, **options)
+    return {"recipe": recipe, "n_photos": metrics["n"], "referable_auroc": metrics["referable"]["auc"],
+            "operating_points": metrics["operating_points"], "per_patient": metrics["per_patient"]}
+
 def record_bench(results:dict, # the results so far ({"sets": {...}}), updated in place
                  name:str, # the set's key of REAL_SETS
                  bench:dict, # what `bench_recipes` wrote to recipes.json
+                 run_dir=None, # the folder it ran in: the recipes' tuned cut points are read from their models
+                 cold_cache:bool=False, # whether its cache folder started empty, so that its cache minutes are a cold build
+                 decisions:dict|None=None, # the set's `referral_decisions`, if it has them
                 ) -> dict:
-    "Add one set's benchmark to the results, with what the set is."
-    results.setdefault("sets", {})[name] = {"about": REAL_SETS[name]["about"], **bench}
+    "Add one set's benchmark to the results, with what the set is, how long a cold cache took, any tuned cut points and referral decisions."
+    entry = {"about": REAL_SETS[name]["about"], **bench}
+    if decisions is not None: entry["referral_decisions"] = decisions
+    if cold_cache:
+        config = json.loads((Path(run_dir)/Path(bench["rows"][0]["recipe"]).stem/"config.json").read_text())
+        entry["cold_cache"] = {"photos": bench["n_train"] + bench["n_valid"], "size": config["image_size"],
+                               "seconds": round(60 * sum(row["cache_min"] for row in bench["rows"]), 1),
+                               "why": "timed by the benchmark, whose cache folder started empty"}
+    if run_dir is not None:
+        models = {row["recipe"]: Path(run_dir)/Path(row["recipe"]).stem/"best_model.pth" for row in bench["rows"]}
+        tuned = {recipe: record for recipe, path in models.items() if path.is_file() and (record := _threshold_tuning(path))}
+        if tuned: entry["threshold_tuning"] = tuned
+    results.setdefault("sets", {})[name] = entry
     return results
 
 def _data_root(root) -> Path:
@@ -70,15 +107,21 @@ def _read_results(results_file) -> dict:
 def run_real_benchmarks(root=None, # folder holding the sets; None: FUNDUS_DATA
                         save_dir=None, # folder for the runs; None: runs/real_photos
                         sets=tuple(REAL_SETS), # which sets to benchmark
-                        recipes=BENCH_RECIPES, # the recipes compared
+                        recipes=None, # the recipes compared; None: each set's own (REAL_SETS)
                         results_file=RESULTS_FILE, # the JSON file written (the sets run replace theirs)
-                        **overrides, # training options for every recipe (e.g. device, num_workers)
+                        **overrides, # training options for every recipe (e.g. device, num_workers); a cache_dir is used as it is
                        ) -> dict:
-    "Run `bench_recipes` on each real set under `root` and write the results file."
+    "Run `bench_recipes` on each real set under `root` (into an empty cache folder unless `cache_dir` is given) and write the results file."
     root, save_dir, results = _data_root(root), Path(save_dir or "runs/real_photos"), _read_results(results_file)
+    save_dir.mkdir(parents=True, exist_ok=True)
     for name in sets:
-        bench_recipes(read_real_set(root, name), save_dir/name, recipes, REAL_SETS[name]["task"], **overrides)
-        record_bench(results, name, json.loads((save_dir/name/"recipes.json").read_text()))
+        spec, run_dir, df = REAL_SETS[name], save_dir/name, read_real_set(root, name)
+        with tempfile.TemporaryDirectory(prefix="empty_cache_", dir=save_dir) as empty:
+            bench_recipes(df, run_dir, recipes or spec["recipes"], spec["task"], **{"cache_dir": empty, **overrides})
+        bench = json.loads((run_dir/"recipes.json").read_text())
+        evaluation = {k: overrides[k] for k in ("device", "num_workers") if k in overrides}
+        decisions = referral_decisions(run_dir, df, spec["decisions"], **evaluation) if "decisions" in spec else None
+        record_bench(results, name, bench, run_dir, cold_cache="cache_dir" not in overrides, decisions=decisions)
         save_json(results, results_file)
     return results
 

@@ -1301,16 +1301,16 @@ class EmaCallback(Callback):
                  decay:float, # weight of the old average at each update, e.g. 0.999
                  saver:TrainingRunCallback|None=None, # the run's saver: its best models are written from the average
                 ):
-        self.decay, self.ema = decay, None
+        self.decay, self.average = decay, None
         if saver is not None:
             save = saver.to_save
-            saver.to_save = lambda model: save(model if self.ema is None else self.ema.module)  # a linear probe saves before any average
+            saver.to_save = lambda model: save(model if self.average is None else self.average.module)  # a linear probe saves before any average
 
     def before_fit(self):
-        if self.ema is None: self.ema = ModelEmaV3(_unwrapped(self.learn.model), decay=self.decay)
+        if self.average is None: self.average = ModelEmaV3(_unwrapped(self.learn.model), decay=self.decay)
 
-    def after_step(self): self.ema.update(_unwrapped(self.learn.model))
-    def before_validate(self): self.raw, self.learn.model = self.learn.model, self.ema.module
+    def after_step(self): self.average.update(_unwrapped(self.learn.model))
+    def before_validate(self): self.raw, self.learn.model = self.learn.model, self.average.module
     def after_validate(self): self.learn.model = self.raw
 
 # %% ../nbs/08_train.ipynb #f8fb0aea

@@ -104,6 +104,27 @@ def test_nbdev_processing_then_page(tmp_path):
     assert "$a^2 + b^2$" in md and "#|" not in md
 
 
+def test_processing_keeps_the_saved_run(tmp_path):
+    "nbdev reruns cells that import something, in test mode; the page still shows the saved full-mode outputs."
+    from nbdev.processors import FilterDefaults
+    from nbdev.serve_drv import main as process_one
+    record = "Outputs from one run in full mode: 2 code cells, fingerprint `0123456789ab`."
+    nb = new_notebook(cells=[
+        new_markdown_cell("# Tiny chapter\n\n> A summary of it."),
+        code("#| export\ndef scale(x): return 2 * x"),
+        code("import os\nprint('full mode' if not os.environ.get('IN_TEST') else 'test mode')", stream("full mode\n")),
+        code("#| echo: false\nfrom fundus_lab.core import execution_record\nexecution_record()",
+             new_output("execute_result", data={"text/markdown": record, "text/plain": "<Markdown>"}, execution_count=3)),
+    ])
+    nbformat.write(nb, tmp_path/"01_tiny.ipynb")
+    process_one((tmp_path/"01_tiny.ipynb", tmp_path/"proc.ipynb", FilterDefaults))  # as nbdev-proc-nbs runs each notebook
+    (tmp_path/"figures").mkdir()
+    page = build_docs.Page(tmp_path/"proc.ipynb", tmp_path/"figures")
+    assert page.execution_record() == record and page.execution_record().startswith(build_docs.FULL_RUN_RECORD)
+    md = page.markdown()
+    assert "\nfull mode\n" in md and "\ntest mode\n" not in md  # the printed line of the saved run, not of the rerun
+
+
 def test_parameter_table_leaves_other_markdown_alone():
     assert build_docs.show_doc_markdown("### CONSTANT\n\n```python\n42\n```") == "### CONSTANT\n\n```python\n42\n```"
     table = build_docs.parameter_table("def f(\n    a, # first\n    *rest, # more\n    flag:bool=False, # a switch\n    **kw\n):")

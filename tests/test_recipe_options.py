@@ -186,9 +186,9 @@ class EmaWatcher(Callback):
     order = 70
     def before_fit(self): self.valid_on_ema = []
     def after_pred(self):
-        if not self.training: self.valid_on_ema.append(self.learn.model is self.learn.ema.ema.module)
+        if not self.training: self.valid_on_ema.append(self.learn.model is self.learn.ema.average.module)
     def after_epoch(self):
-        self.ema_state = {k: v.detach().clone() for k, v in self.learn.ema.ema.module.state_dict().items()}
+        self.ema_state = {k: v.detach().clone() for k, v in self.learn.ema.average.module.state_dict().items()}
         self.raw_state = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
 
 

@@ -6,7 +6,7 @@ Quarto treats a notebook (front matter as title and description; the cell option
 `include` and `code-fold`/`code-summary`), then rendered by pandoc with KaTeX from a local copy.
 Two additions of this build, not Quarto's: `show_doc` signatures get a parameter table, and cells are folded by
 `fold_summary` (long test cells and import cells). Fails on an error output, a page of the sidebar that does not
-exist, or a notebook missing from the sidebar.
+exist, a notebook missing from the sidebar, or a chapter page that does not show its saved full-mode run.
 Usage: `python tools/build_docs.py --out _docs_offline --deps _docs_deps [--skip-proc]`.
 """
 import argparse, ast, base64, html, io, json, os, re, shutil, subprocess, sys, tokenize
@@ -17,6 +17,7 @@ from nbdev.serve import proc_nbs
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS, PROC, SITE = ROOT/"nbs", ROOT/"_proc", ROOT/"tools"/"docs_site"
+FULL_RUN_RECORD = "Outputs from one run in full mode"  # what `execution_record` prints at the end of a chapter run in full
 FOLD_LINES = 8  # test cells longer than this many lines are folded
 _TEST_CALL = re.compile(r"\btest_\w*\(|^\s*assert\b", re.M)  # a fastcore.test call or an assert
 _ANSI = re.compile(r"\x1B(?:[@-Z\\-_]|\[[0-?]*[ -/]*[@-~])")
@@ -120,6 +121,12 @@ class Page:
         self.cells = cells
         self.title = str(self.meta.get("title", path.stem))
         self.html_name = self.meta.get("output-file", path.with_suffix(".html").name)
+
+    def execution_record(self) -> str:
+        "What the page shows for its last `execution_record()` cell ('' when it has none)."
+        records = [c for c in self.cells if c["cell_type"] == "code" and "execution_record()" in "".join(c.get("source", ""))]
+        data = [o.get("data", {}) for o in records[-1].get("outputs", [])] if records else []
+        return "".join("".join(d.get("text/markdown", "")) for d in data)
 
     def markdown(self) -> str:
         "The page's body as pandoc Markdown."
@@ -269,6 +276,8 @@ def main(argv=None) -> int:
         md = "---\n" + yaml.safe_dump({k: v for k, v in meta.items() if v}, allow_unicode=True) + "---\n\n" \
              + link_pages(page.markdown(), site.get("site-url", ""), html_names)
         problems += page.problems
+        if nb[:1].isdigit() and not page.execution_record().startswith(FULL_RUN_RECORD):
+            problems.append(f"{nb} does not show its saved full-mode execution record (core chapter): check `doc_procs` in pyproject.toml")
         target = args.out/page.html_name
         result = subprocess.run(["pandoc", "--from", "markdown", "--to", "html5", "--standalone",
                                  "--template", str(SITE/"template.html"), "--toc", "--toc-depth", "3",
