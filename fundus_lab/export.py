@@ -22,6 +22,7 @@ from torch import nn
 
 from .core import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, CommandError, atomic_write, check_outputs, command,
                              model_image_size, positive_float, positive_int)
+from .cache import load_fundus
 from .data import read_rgb
 from .preprocess import clahe_lightness, content_problem, prepare_fundus
 with warnings.catch_warnings():  # importing fastai 2.8 uses torch.jit.script, deprecated in torch 2.14
@@ -180,11 +181,11 @@ def load_classifier(path, # a PyTorch checkpoint (.pth) or an exported ONNX file
 def prepare_input(image, # an image file, or an H x W x 3 uint8 RGB photo
                   config:dict, # the model config (image_size, mean, std, preprocessing)
                  ) -> np.ndarray:
-    "The normalised 3 x S x S float32 network input of one photo, with the model's recorded preprocessing."
+    "The normalised 3 x S x S float32 network input of one photo, with the model's recorded preprocessing (a file decoded as the cache decodes it)."
     name = image if isinstance(image, (str, Path)) else "the photo"
     medical = preprocessing_options(config["preprocessing"])["medical_preprocess"]
-    photo = read_rgb(image) if isinstance(image, (str, Path)) else image
-    try: square = prepare_fundus(photo, int(config["image_size"]))
+    size = int(config["image_size"])
+    try: square = load_fundus(image, size) if isinstance(image, (str, Path)) else prepare_fundus(image, size)  # a file as training read it
     except ValueError as e: raise ValueError(f"Cannot prepare {name}: {e}") from e
     if medical: square = clahe_lightness(square)
     mean, std = np.asarray(config["mean"], np.float32), np.asarray(config["std"], np.float32)
@@ -276,7 +277,7 @@ def _graded_inputs(files:list, config:dict, min_quality:float|None=None) -> tupl
             grade = gradability(photo, min_quality)
             problem, quality = grade.reason, grade.quality
         problems.append(problem); qualities.append(quality)
-        if problem is None: inputs.append(prepare_input(photo, config))
+        if problem is None: inputs.append(prepare_input(f, config))  # decoded again as training decodes it
     return problems, qualities, inputs
 
 def predict_images(model, # a model file (.pth or .onnx), or a TorchClassifier / OnnxClassifier

@@ -35,7 +35,7 @@ with warnings.catch_warnings():  # importing fastai 2.8 uses APIs deprecated in 
     from fastai.optimizer import Adam
 
 from .augment import AUGMENT_STRENGTHS, get_transforms, train_transform, valid_transform
-from .cache import build_cache
+from .cache import build_cache, load_fundus
 from .checkpoints import (DeviceMixedPrecision, GradualUnfreeze, StopOnNonFiniteLoss, add_lora, backbone_splitter,
                                     load_training_checkpoint, merged_copy, peak_memory_mb, reset_peak_memory,
                                     resolve_precision, restore_rng_state, rng_state, save_training_checkpoint)
@@ -43,7 +43,7 @@ from .core import (IMAGENET_MEAN, IMAGENET_STD, atomic_write, fraction, get_devi
                              non_negative_int, positive_float, positive_int, precision_mode, probability, save_json, set_seed,
                              user_cache_dir)
 from .data import (DME_GRADES, DR_GRADES, ODIR_NAMES, UNIFIED_LABELS, disease_classes, disease_labels,
-                             patient_split, read_rgb)
+                             patient_split)
 from .losses import (MULTICLASS_LOSSES, MULTILABEL_LOSSES, class_balanced_weights, inverse_frequency_weights,
                                make_loss)
 from .metrics import fastai_metrics
@@ -97,7 +97,7 @@ class FundusDataset(Dataset):
 
     def __getitem__(self, i):
         path = self.df.at[i, "path"]
-        try: image = prepare_fundus(read_rgb(path), self.size, self.crop)
+        try: image = load_fundus(path, self.size, self.crop)  # as the cache prepares it: the same pixels with or without one
         except ValueError as e: raise ValueError(f"Cannot prepare {path}: {e}") from e
         if self.medical_preprocess: image = clahe_lightness(image)
         label = -1 if self.labels is None else self.labels[i]

@@ -52,5 +52,8 @@ def test_resume_from_old_checkpoint_ends_like_the_old_run(table, tmp_path):
                          resume=FIXTURES/"dr"/"checkpoint_epoch_1.pth")
     strip = lambda records: [{k: v for k, v in r.items() if k not in NOT_REPRODUCIBLE} for r in records]
     expected = strip(json.loads((FIXTURES/"dr"/"training_history.json").read_text()))
-    assert strip(json.loads(Path(result["history_path"]).read_text())) == expected
+    got = strip(json.loads(Path(result["history_path"]).read_text()))
+    assert len(got) == len(expected)
+    for record, old in zip(got, expected):  # equal up to float32 rounding, which differs between library builds
+        assert record == pytest.approx(old, rel=1e-5, abs=1e-7), record["epoch"]
     assert result["epochs_run"] == 2
